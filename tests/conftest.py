@@ -91,3 +91,47 @@ def tiny_llama_untied_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_di
 def tiny_qwen2_dir(tmp_path_factory: pytest.TempPathFactory, tokenizer_dir: Path) -> Path:
     """Tiny random Qwen2ForCausalLM (q/k/v biases, untied) + real SmolLM2 tokenizer."""
     return _tiny_model("qwen2", tmp_path_factory.mktemp("tiny_qwen2"), tokenizer_dir, tied=False, seed=2)
+
+
+# ---- GGUF conversions of the tiny models (convert package) ----------------------------------------
+@pytest.fixture(scope="session")
+def tiny_llama_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_llama_dir: Path) -> Path:
+    """F32 GGUF of tiny_llama_dir (llama arch, tied embeddings): llama.cpp logits match torch within 1e-4."""
+    from convert.hf_to_gguf import hf_to_gguf
+
+    return hf_to_gguf(tiny_llama_dir, tmp_path_factory.mktemp("tiny_llama_gguf") / "tiny-llama-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def tiny_qwen2_gguf(tmp_path_factory: pytest.TempPathFactory, tiny_qwen2_dir: Path) -> Path:
+    """F32 GGUF of tiny_qwen2_dir (qwen2 arch, q/k/v biases, untied)."""
+    from convert.hf_to_gguf import hf_to_gguf
+
+    return hf_to_gguf(tiny_qwen2_dir, tmp_path_factory.mktemp("tiny_qwen2_gguf") / "tiny-qwen2-f32.gguf")
+
+
+@pytest.fixture(scope="session")
+def tokenizer_texts() -> list[str]:
+    """A few hundred varied strings for tokenizer parity: unicode, whitespace runs, digits, chat specials."""
+    import random
+
+    base = [
+        "", " ", "  ", "\n", "\n\n\n", "\t", " \t\n ", "Hello world", " Hello world", "Hello  world",
+        "hello\nworld", "HELLO WORLD!!!", "I've been 'told' he's there, 'RE you sure? We'Ve a'lL",
+        "3", "33", "333", "3333", "12345678901234567890", "3.14159", "1,000,000", "-42", "0x1F", "v1.2.3",
+        "café naïve façade", "Straße", "Привет, мир", "нещо на Български", "你好，世界", "我想在apple工作1314151天～",
+        "こんにちは世界", "안녕하세요", "مرحبا بالعالم", "שלום עולם", "ကာန်တ", "कान्", "🚀 🦙🦙 😶‍🌫️ ✅",
+        "👩‍👩‍👧‍👦 family", "e\u0301", "\u00a0nbsp\u00a0", "zero\u200bwidth", "tab\tseparated\tvalues",
+        "trailing spaces   ", "   leading spaces", "line\r\nbreaks\r\n", "------=======", "''''''```````\"\"\"\"",
+        "......!!!!!!??????", "<|im_start|>user\nHi there<|im_end|>\n<|im_start|>assistant\n",
+        "<|im_start|>", "<|im_end|>", "<|endoftext|>", "text<|endoftext|>more", "a<|im_start|>b",
+        "def f(x):\n    return x ** 2  # square\n", "for (int i = 0; i < n; ++i) { sum += a[i]; }",
+        "https://example.com/path?query=1&b=2#frag", "user@example.org", "C:\\Users\\name\\file.txt",
+        "$$E = mc^2$$", "The quick brown fox jumps over the lazy dog.", "don't won't can't shouldn't",
+        "ALLCAPS and lowercase and MiXeD", "a" * 50, " " * 17 + "x", "\n" * 5 + "x" + "\n" * 3,
+        "¿Qué tal? ¡Muy bien!", "Ελληνικά γράμματα", "Tiếng Việt có dấu", "ไทย ภาษา", "ʕ•ᴥ•ʔ",
+    ]
+    rng = random.Random(1234)
+    pieces = base + ["123", "  ", "\n", "é", "🙂", "<|im_end|>", "word", "Word", "'s", "—", "...", "\t\t"]
+    mixed = ["".join(rng.choice(pieces) for _ in range(rng.randint(2, 8))) for _ in range(240)]
+    return base + mixed

@@ -83,12 +83,16 @@ def direction(seed: int, d: int, guide: Guide | None = None) -> np.ndarray:
 
 
 def to_gradient_units(v: np.ndarray, guide: Guide | None) -> np.ndarray:
-    """Apply C⁻¹ with C = E[z zᵀ] = α·I + (1−α)(d/k)·QQᵀ, so E[C⁻¹ g z] = ∇L (in place, returns v)."""
+    """Divide mean(g·z) by the guide's gain α + (1−α)·d/k (in place, returns v).
+
+    E[g z] = α∇L + (1−α)(d/k)·QQᵀ∇L: after the division the subspace part is an unbiased gradient
+    estimate with only k-dimensional noise, and the d-dimensional noise off the subspace shrinks by α/gain.
+    The full inverse covariance would instead amplify that off-subspace noise by 1/α and, at d ≈ 5·10⁵, drown
+    the cloud gradient it is mixed with (λ would lose its meaning). α = 1 (plain MeZO) is the identity.
+    """
     if guide is None or guide.alpha >= 1.0:
         return v
-    proj = guide.basis.T @ v  # (k,)
-    v *= np.float32(1.0 / guide.alpha)
-    v += guide.basis @ (proj * np.float32(1.0 / guide.gain - 1.0 / guide.alpha))
+    v *= np.float32(1.0 / guide.gain)
     return v
 
 
@@ -158,7 +162,7 @@ class Schedule:
 
 
 def zo_gradient(step: StepRecord, d: int, guide: Guide | None) -> np.ndarray:
-    """ĝ_ZO in gradient units: per group, C⁻¹·mean_i g_i z_i on the group's span; zero elsewhere."""
+    """ĝ_ZO in gradient units: per group, mean_i g_i z_i / gain on the group's span; zero elsewhere."""
     out = np.zeros(d, np.float32)
     for grp in step.groups:
         stop = d if grp.stop < 0 else grp.stop
@@ -206,17 +210,20 @@ def apply_step(
     theta -= np.float32(schedule.lr_at(t)) * u
 
 
-def online_lambda(grads: np.ndarray, cloud_dots: np.ndarray, d: int) -> float:
+def online_lambda(grads: np.ndarray, cloud_dots: np.ndarray, d: int, gain: float = 1.0) -> float:
     """λ* = dσ² / (dσ² + ‖b‖² + τ²) estimated from one step's records (DESIGN.md, rectification).
 
-    dσ² ≈ d·mean(g²)/q is the ZO estimate's total variance; ‖b‖² + τ² ≈ mean((g_i − ⟨g_B, z_i⟩)²).
+    ``cloud_dots[i]`` = ⟨g_B, z_i⟩. Both terms are put in the units of ĝ = mean(g z)/gain:
+    dσ² ≈ d·mean(g²)/(q·gain²) is the ZO estimate's total variance (‖z‖² ≈ d); ‖b‖² + τ² ≈
+    mean((g_i − ⟨g_B, z_i⟩)²)/gain, the cloud gradient's error seen through the same directions
+    (E⟨v, z⟩² = vᵀCv ≈ gain·‖Qᵀv‖² when v lies mostly in the guided subspace). gain = 1 is DESIGN.md's formula.
     """
     g = np.asarray(grads, np.float64)
     c = np.asarray(cloud_dots, np.float64)
     if g.size == 0:
         return 0.0
-    zo_var = d * float(np.mean(g * g)) / g.size
-    bias = float(np.mean((g - c) ** 2))
+    zo_var = d * float(np.mean(g * g)) / (g.size * gain * gain)
+    bias = float(np.mean((g - c) ** 2)) / gain
     if zo_var + bias <= 0.0 or not math.isfinite(zo_var + bias):
         return 0.0
     return zo_var / (zo_var + bias)

@@ -1,0 +1,195 @@
+"""Load test of the guide daemon: N simulated clients (protocol only, no model) on 127.0.0.1.
+
+The daemon runs as a real subprocess (``python -m edge.cli guide serve`` in model-free mode), so its peak RSS
+is measured from outside (psutil, sampled every 20 ms). Every simulated client authenticates, joins each
+round, uploads valid (seed, g) records for it and waits for the ack; the ack latency is measured from the
+first byte of the upload to the ack. Bounded: R rounds, then every client says bye; a global timeout stops
+everything regardless.
+
+    python bench/guide_load.py --clients 500 --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from protocol.auth import client_handshake  # noqa: E402
+from protocol.framing import read_frame, write_frame  # noqa: E402
+from protocol.messages import Ack, Bye, LossStats, RoundRequest, RoundStart, Update  # noqa: E402
+from protocol.zo import Group, StepRecord  # noqa: E402
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
+                  rng: np.random.Generator, counters: dict) -> None:
+    name = f"sim{i:05d}"
+    r, w = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        await client_handshake(r, w, name, token, timeout=60)
+        done = 0
+        while done < rounds:
+            await write_frame(w, RoundRequest(last_round=done - 1))
+            m = await read_frame(r, timeout=120, idle_timeout=120)
+            if isinstance(m, Bye):
+                break
+            if not isinstance(m, RoundStart):
+                continue
+            m.theta.decode()  # what a real edge does with θ (and the guide): decode it
+            if m.guidance is not None:
+                m.guidance.to_guide()
+            recs = [StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, q, dtype=np.uint64),
+                                             grads=(0.01 * rng.standard_normal(q)).astype(np.float32))])
+                    for _ in range(steps)]
+            up = Update(round_id=m.round_id, client_id=name, steps=recs, first_step=m.hyper.first_step,
+                        n_examples=16, loss=LossStats(mean=0.5, min=0.5, max=0.5, last=0.5),
+                        guide_id=m.guidance.guide_id if m.guidance is not None else "")
+            t0 = time.perf_counter()
+            counters["first"] = min(counters.get("first", t0), t0)
+            n_up = await write_frame(w, up)
+            counters["up_bytes"] = counters.get("up_bytes", 0) + n_up
+            a = await read_frame(r, timeout=120, idle_timeout=120)
+            t1 = time.perf_counter()
+            if isinstance(a, Ack) and a.accepted:
+                lat.append(t1 - t0)
+                counters["last"] = max(counters.get("last", t1), t1)
+            else:
+                counters["refused"] = counters.get("refused", 0) + 1
+            done += 1
+        await write_frame(w, Bye())
+    finally:
+        w.close()
+
+
+async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen) -> dict:
+    ps = psutil.Process(proc.pid)
+    peak = [0]
+    stop = asyncio.Event()
+
+    async def sample():
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], ps.memory_info().rss)
+            except psutil.Error:
+                return
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.ensure_future(sample())
+    t_start = time.monotonic()
+    while True:  # wait for the daemon to listen
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            break
+        except OSError:
+            if time.monotonic() - t_start > 60:
+                raise
+            await asyncio.sleep(0.1)
+    rss_idle = ps.memory_info().rss
+    lat: list[float] = []
+    counters: dict = {}
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
+                                           np.random.default_rng(rng.integers(2**32)), counters))
+             for i in range(args.clients)]
+    res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.timeout)
+    wall = time.perf_counter() - t0
+    stop.set()
+    await sampler
+    errors = [repr(e) for e in res if isinstance(e, BaseException)]
+    lat_ms = np.array(lat) * 1e3
+    span = counters.get("last", 0) - counters.get("first", 0)
+    return {
+        "clients": args.clients, "rounds": args.rounds, "steps_per_upload": args.steps, "q": args.q,
+        "uploads_acked": len(lat), "refused": counters.get("refused", 0), "client_errors": len(errors),
+        "error_samples": errors[:3], "wall_s": round(wall, 2),
+        "uploads_per_s": round(len(lat) / wall, 1),
+        "uploads_per_s_upload_phase": round(len(lat) / span, 1) if span > 0 else None,
+        "ack_latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 2),
+                           "p99": round(float(np.percentile(lat_ms, 99)), 2),
+                           "max": round(float(lat_ms.max()), 2)} if lat else None,
+        "daemon_rss_mb": {"idle": round(rss_idle / 2**20, 1), "peak": round(peak[0] / 2**20, 1)},
+        "up_bytes_per_update": counters.get("up_bytes", 0) // max(1, len(lat)),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--clients", type=int, default=500)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=10, help="local steps (StepRecords) per upload")
+    ap.add_argument("--q", type=int, default=2, help="perturbations per step")
+    ap.add_argument("--dims", default="30,576,1536,9,3", help="adapter dims (default: SmolLM2-135M, d=460,800)")
+    ap.add_argument("--timeout", type=float, default=300.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results here")
+    args = ap.parse_args(argv)
+    if not 1 <= args.clients <= 5000 or not 1 <= args.rounds <= 100:
+        ap.error("clients must be in [1, 5000] and rounds in [1, 100]")
+    tmp = Path(tempfile.mkdtemp(prefix="guide_load_"))
+    port = _free_port()
+    tokens = {f"sim{i:05d}": f"tok-{i:05d}-{os.urandom(6).hex()}" for i in range(args.clients)}
+    cfg = tmp / "guide.toml"
+    cfg.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{tmp / "state"}"\nlog_file = "{tmp / "guide.jsonl"}"\n'
+        f'long_poll_s = 60.0\n[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
+        f'max_clients = {args.clients}\ndeadline_s = 120.0\njoin_window_s = 0.0\n'
+        f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nlam = 0.0\nk = 4\n[clients.tokens]\n'
+        + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "guide", "serve", "--config", str(cfg),
+                             "--dims", args.dims], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(tmp / "daemon.err", "wb"))  # noqa: SIM115
+    try:
+        out = asyncio.run(_run(args, port, tokens, proc))
+        t = time.monotonic()  # let the last round close, then read the daemon's own account
+        while time.monotonic() - t < 120:
+            lines = (tmp / "guide.jsonl").read_text().splitlines()
+            closed = [json.loads(x) for x in lines if '"round_closed"' in x]
+            if len(closed) >= args.rounds:
+                break
+            time.sleep(0.2)
+        out["rounds_closed"] = [{"round": c["round"], "uploads": c["uploads"], "down_bytes": c.get("down_bytes"),
+                                 "down_bytes_per_client": c.get("down_bytes_per_client"),
+                                 "up_bytes": c.get("up_bytes"), "up_bytes_per_upload": c.get("up_bytes_per_upload")}
+                                for c in closed]
+        opened = {json.loads(x)["round"]: json.loads(x)["ts"] for x in lines if '"round_open"' in x}
+        out["aggregate_s"] = [round(c["ts"] - opened.get(c["round"], c["ts"]), 2) for c in closed]
+        out["d"] = json.loads(lines[0]).get("d")
+    finally:
+        proc.terminate()
+        try:
+            out_rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out_rc = -9
+    out["daemon_exit"] = out_rc
+    out["cpu"] = {"count": os.cpu_count()}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    return 0 if out["uploads_acked"] == args.clients * args.rounds and not out["client_errors"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

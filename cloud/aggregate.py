@@ -1,0 +1,103 @@
+"""Aggregation as pure functions (no I/O, no torch): replay each upload, weight, sum.
+
+Each upload carries the StepRecords of one client's local steps. Replayed with :func:`protocol.zo.replay`
+and the exact guide and schedule its round used, they give that client's θ — the same function the edge
+ran, so Δ_i is exact. θ_{t+1} = θ_t + Σ w_i Δ_i with w_i ∝ examples.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from protocol.zo import Guide, Schedule, StepRecord, replay
+
+
+@dataclass(frozen=True)
+class RoundPlan:
+    """What one round's clients were told: the frozen inputs of replay."""
+
+    round_id: int
+    basis_id: str  # guide_id (digest of the decoded Q, g_B, α) the round used; "" without guidance
+    theta: np.ndarray  # θ_t (d,)
+    guide: Guide | None
+    schedule: Schedule
+    lam: float
+    local_steps: int
+    first_step: int = 0  # global step index of this round's first local step (schedule position)
+
+
+@dataclass
+class Upload:
+    """One client's contribution to a round."""
+
+    client: str
+    round_id: int
+    basis_id: str
+    steps: list[StepRecord]
+    examples: int
+    loss_before: float = float("nan")
+    loss_after: float = float("nan")
+    meta: dict = field(default_factory=dict)
+
+
+class UploadRefused(ValueError):
+    """An upload that does not belong to the round it claims (wrong round, basis, or malformed)."""
+
+
+def validate_upload(plan: RoundPlan, up: Upload, *, max_perturbations: int = 1 << 16) -> None:
+    """Raise UploadRefused unless ``up`` can be replayed against ``plan``."""
+    if up.round_id != plan.round_id:
+        raise UploadRefused(f"upload for round {up.round_id}, current round is {plan.round_id}")
+    if up.basis_id != plan.basis_id:
+        raise UploadRefused(f"upload used basis {up.basis_id!r}, round {plan.round_id} uses {plan.basis_id!r}")
+    if up.examples <= 0:
+        raise UploadRefused(f"example count must be positive, got {up.examples}")
+    if not 0 < len(up.steps) <= max(plan.local_steps, 1):
+        raise UploadRefused(f"{len(up.steps)} steps uploaded, round allows 1..{plan.local_steps}")
+    d = int(plan.theta.shape[0])
+    total = 0
+    for st in up.steps:
+        if st.lam and (plan.guide is None or plan.guide.grad is None):
+            raise UploadRefused("step uses λ > 0 but the round sent no cloud gradient")
+        if not 0.0 <= st.lam <= 1.0:
+            raise UploadRefused(f"λ must be in [0, 1], got {st.lam}")
+        for g in st.groups:
+            stop = d if g.stop < 0 else g.stop
+            if not 0 <= g.start < stop <= d:
+                raise UploadRefused(f"group span [{g.start}, {g.stop}) outside θ of size {d}")
+            if not np.isfinite(g.grads).all():
+                raise UploadRefused("non-finite projected gradient")
+            total += g.seeds.size
+    if total > max_perturbations:
+        raise UploadRefused(f"{total} perturbations exceed the limit {max_perturbations}")
+
+
+def client_delta(plan: RoundPlan, up: Upload) -> np.ndarray:
+    """Δ_i = replay(θ_t, steps) − θ_t (float64), exactly what the client's θ moved by."""
+    theta_i = replay(plan.theta, up.steps, plan.schedule, plan.guide, first_step=plan.first_step)
+    return theta_i.astype(np.float64) - plan.theta.astype(np.float64)  # exact: θ_t + Δ_i == θ_i
+
+
+def weights(uploads: Sequence[Upload]) -> np.ndarray:
+    """w_i ∝ examples_i, summing to 1."""
+    n = np.array([u.examples for u in uploads], np.float64)
+    return n / n.sum() if n.size else n
+
+
+def aggregate(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
+    """θ_{t+1} = θ_t + Σ w_i Δ_i over the accepted uploads (θ_t itself when there are none).
+
+    Uploads are combined in client-name order so the result does not depend on arrival order.
+    """
+    theta = np.array(plan.theta, np.float32, copy=True)
+    ups = sorted(uploads, key=lambda u: u.client)
+    if not ups:
+        return theta
+    acc = np.zeros(theta.shape, np.float64)
+    for w, up in zip(weights(ups), ups, strict=False):
+        acc += w * client_delta(plan, up)
+    return (theta.astype(np.float64) + acc).astype(np.float32)
+

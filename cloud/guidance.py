@@ -1,0 +1,96 @@
+"""Guidance: task-loss gradients on public mini-batches → Q = orth(last k gradients), g_B = their mean.
+
+:class:`GuidanceBuilder` computes round t+1's guidance in a background executor while round t runs
+(DESIGN.md, "Federated round" step 1). Gradients come from any callable ``grad_fn(theta, batch_index)``
+returning ``(grad (d,), loss)``, e.g. :meth:`cloud.model.TorchScorer.gradient` on a public slice.
+"""
+
+from __future__ import annotations
+
+import collections
+import concurrent.futures as cf
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+
+from protocol.zo import Guide, orthonormal_basis
+
+GradFn = Callable[[np.ndarray, int], tuple[np.ndarray, float]]
+
+
+@dataclass(frozen=True)
+class GuidanceConfig:
+    """k: basis size (last k gradients); batches: public mini-batches per round; alpha: Guided-ES mixing."""
+
+    k: int = 4
+    batches: int = 2
+    alpha: float = 0.5
+
+    def __post_init__(self) -> None:
+        if self.k < 1:
+            raise ValueError(f"k must be >= 1, got {self.k}")
+        if self.batches < 1:
+            raise ValueError(f"batches must be >= 1, got {self.batches}")
+        if not 0.0 < self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """One round's guidance plus the public loss measured while building it."""
+
+    guide: Guide
+    public_loss: float
+    theta_round: int  # the round whose θ the gradients were taken at
+
+
+def build_guide(grads: list[np.ndarray], alpha: float) -> Guide:
+    """Guide from recent gradients: Q = orth(grads), g_B = mean(grads) (pure)."""
+    if not grads:
+        raise ValueError("need at least one gradient")
+    g_b = np.mean(np.stack(grads).astype(np.float64), axis=0).astype(np.float32)
+    if not np.any(grads[-1]) and not np.any(g_b):
+        basis = np.zeros((g_b.size, 1), np.float32)
+        basis[0, 0] = 1.0
+    else:
+        basis = orthonormal_basis(grads)
+    return Guide(basis=basis, alpha=alpha, grad=g_b)
+
+
+class GuidanceBuilder:
+    """Keeps the last k public gradients; builds guidance now or in the background.
+
+    Thread-safety: one build runs at a time (a single worker); ``grad_fn`` is only ever called from it.
+    """
+
+    def __init__(self, *, grad_fn: GradFn, config: GuidanceConfig, rng: np.random.Generator,
+                 n_batches: int) -> None:
+        if n_batches < 1:
+            raise ValueError("need at least one public mini-batch")
+        self.grad_fn, self.config, self.rng, self.n_batches = grad_fn, config, rng, n_batches
+        self.history: collections.deque[np.ndarray] = collections.deque(maxlen=config.k)
+        self._pool = cf.ThreadPoolExecutor(max_workers=1, thread_name_prefix="guidance")
+        self._lock = threading.Lock()
+
+    def build(self, theta: np.ndarray, round_id: int) -> Guidance:
+        """Gradients at θ on ``config.batches`` public mini-batches; Q from the last k gradients."""
+        with self._lock:
+            losses = []
+            for _ in range(self.config.batches):
+                b = int(self.rng.integers(self.n_batches))
+                g, loss = self.grad_fn(np.array(theta, np.float32, copy=True), b)
+                if not np.isfinite(g).all():
+                    raise FloatingPointError("non-finite cloud gradient")
+                self.history.append(np.asarray(g, np.float32))
+                losses.append(loss)
+            guide = build_guide(list(self.history), self.config.alpha)
+            return Guidance(guide=guide, public_loss=float(np.mean(losses)), theta_round=round_id)
+
+    def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]:
+        """Build in the background (pipelining: round t+1's guidance while round t runs)."""
+        return self._pool.submit(self.build, np.array(theta, np.float32, copy=True), round_id)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)

@@ -1,0 +1,221 @@
+"""Durable guide state: SQLite in WAL mode (synchronous=FULL) plus atomic checkpoint files.
+
+* An upload is committed (INSERT + COMMIT, fsynced by SQLite) before the daemon acknowledges it.
+* Round plans and θ checkpoints are ``.npz`` files written tmp → fsync → ``os.replace`` → fsync(dir),
+  so a reader sees the old or the new file, never a torn one.
+* On restart the open round, its plan and every committed upload are read back: nothing acknowledged is lost.
+
+Torch-free: the daemon runs (and the load bench runs) without the cloud extra.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import sqlite3
+import time
+from pathlib import Path
+
+import numpy as np
+
+from cloud.aggregate import RoundPlan, Upload
+from protocol.arrays import packb, unpackb
+from protocol.messages import step_records_from_wire, step_records_to_wire
+from protocol.zo import Guide, Schedule
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS rounds (
+    round_id INTEGER PRIMARY KEY,
+    basis_id TEXT NOT NULL,
+    status TEXT NOT NULL,              -- open | closed
+    selected TEXT NOT NULL,            -- JSON list of client ids
+    opened_at REAL NOT NULL,
+    deadline REAL NOT NULL,            -- wall-clock (time.time())
+    closed_at REAL,
+    n_uploads INTEGER DEFAULT 0,
+    public_loss REAL,
+    client_loss REAL
+);
+CREATE TABLE IF NOT EXISTS uploads (
+    round_id INTEGER NOT NULL,
+    client TEXT NOT NULL,
+    examples INTEGER NOT NULL,
+    loss_before REAL,
+    loss_after REAL,
+    steps BLOB NOT NULL,
+    received_at REAL NOT NULL,
+    PRIMARY KEY (round_id, client)
+);
+CREATE TABLE IF NOT EXISTS clients (
+    client TEXT PRIMARY KEY,
+    last_seen REAL,
+    uploads INTEGER DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+
+
+def atomic_write(path: Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + os.replace + fsync dir)."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dfd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dfd)
+    finally:
+        os.close(dfd)
+
+
+def _npz_bytes(**arrays: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+class Store:
+    """The guide's state directory: ``state.db`` + ``plan-<round>.npz`` + ``theta-<round>.npz``."""
+
+    def __init__(self, *, root: str | os.PathLike) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ---- meta ----------------------------------------------------------------------------------
+    def get_meta(self, key: str) -> str | None:
+        row = self.db.execute("SELECT value FROM meta WHERE key=?", (key,)).fetchone()
+        return None if row is None else str(row[0])
+
+    def set_meta(self, key: str, value: str) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
+
+    # ---- θ checkpoints -------------------------------------------------------------------------
+    def save_theta(self, round_id: int, theta: np.ndarray) -> None:
+        """θ at the start of ``round_id`` (θ_t), atomically."""
+        atomic_write(self.root / f"theta-{round_id}.npz", _npz_bytes(theta=np.asarray(theta, np.float32)))
+
+    def load_theta(self, round_id: int) -> np.ndarray | None:
+        p = self.root / f"theta-{round_id}.npz"
+        if not p.exists():
+            return None
+        with np.load(p) as z:
+            return np.array(z["theta"], np.float32)
+
+    # ---- rounds --------------------------------------------------------------------------------
+    def open_round(self, plan: RoundPlan, *, selected: list[str], deadline: float) -> None:
+        """Persist the plan file, then the round row (a round row always has its plan on disk)."""
+        g = plan.guide
+        arrays = {"theta": plan.theta}
+        if g is not None:
+            arrays["basis"] = g.basis
+            if g.grad is not None:
+                arrays["grad"] = g.grad
+        meta = {
+            "alpha": None if g is None else g.alpha, "lam": plan.lam, "local_steps": plan.local_steps,
+            "first_step": plan.first_step, "schedule": plan.schedule.__dict__, "basis_id": plan.basis_id,
+        }
+        arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+        atomic_write(self.root / f"plan-{plan.round_id}.npz", _npz_bytes(**arrays))
+        self.db.execute(
+            "INSERT OR REPLACE INTO rounds (round_id, basis_id, status, selected, opened_at, deadline) "
+            "VALUES (?, ?, 'open', ?, ?, ?)",
+            (plan.round_id, plan.basis_id, json.dumps(selected), time.time(), deadline),
+        )
+
+    def load_plan(self, round_id: int) -> RoundPlan:
+        with np.load(self.root / f"plan-{round_id}.npz") as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            guide = None
+            if meta["alpha"] is not None:
+                guide = Guide(basis=z["basis"], alpha=meta["alpha"], grad=z["grad"] if "grad" in z else None)
+            return RoundPlan(round_id=round_id, basis_id=meta["basis_id"], theta=np.array(z["theta"], np.float32),
+                             guide=guide, schedule=Schedule(**meta["schedule"]), lam=float(meta["lam"]),
+                             local_steps=int(meta["local_steps"]), first_step=int(meta["first_step"]))
+
+    def open_round_row(self) -> dict | None:
+        row = self.db.execute(
+            "SELECT round_id, selected, deadline FROM rounds WHERE status='open' ORDER BY round_id DESC LIMIT 1"
+        ).fetchone()
+        if row is None:
+            return None
+        return {"round_id": int(row[0]), "selected": json.loads(row[1]), "deadline": float(row[2])}
+
+    def last_round_id(self) -> int:
+        row = self.db.execute("SELECT MAX(round_id) FROM rounds").fetchone()
+        return -1 if row[0] is None else int(row[0])
+
+    def close_round(self, round_id: int, theta_next: np.ndarray, *, n_uploads: int, public_loss: float | None,
+                    client_loss: float | None) -> None:
+        """θ_{t+1} checkpoint first, then the row: a closed round always has its successor's θ on disk."""
+        self.save_theta(round_id + 1, theta_next)
+        self.db.execute(
+            "UPDATE rounds SET status='closed', closed_at=?, n_uploads=?, public_loss=?, client_loss=? "
+            "WHERE round_id=?",
+            (time.time(), n_uploads, public_loss, client_loss, round_id),
+        )
+
+    def rounds(self, limit: int = 20) -> list[dict]:
+        cur = self.db.execute(
+            "SELECT round_id, status, n_uploads, public_loss, client_loss, opened_at, closed_at, selected "
+            "FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,))
+        keys = ["round", "status", "uploads", "public_loss", "client_loss", "opened_at", "closed_at", "selected"]
+        out = []
+        for r in cur.fetchall():
+            d = dict(zip(keys, r, strict=False))
+            d["selected"] = len(json.loads(d["selected"]))
+            out.append(d)
+        return out[::-1]
+
+    # ---- uploads -------------------------------------------------------------------------------
+    def commit_uploads(self, uploads: list[Upload]) -> None:
+        """Insert uploads in ONE transaction (group commit); returns after the fsynced COMMIT."""
+        now = time.time()
+        self.db.execute("BEGIN IMMEDIATE")
+        try:
+            for up in uploads:
+                blob = packb(step_records_to_wire(up.steps))
+                self.db.execute(
+                    "INSERT INTO uploads VALUES (?, ?, ?, ?, ?, ?, ?)",
+                    (up.round_id, up.client, up.examples, up.loss_before, up.loss_after, blob, now),
+                )
+                self.db.execute(
+                    "INSERT INTO clients (client, last_seen, uploads) VALUES (?, ?, 1) "
+                    "ON CONFLICT(client) DO UPDATE SET last_seen=excluded.last_seen, uploads=uploads+1",
+                    (up.client, now),
+                )
+            self.db.execute("COMMIT")
+        except BaseException:
+            self.db.execute("ROLLBACK")
+            raise
+
+    def uploads(self, round_id: int) -> list[Upload]:
+        rows = self.db.execute(
+            "SELECT client, examples, loss_before, loss_after, steps FROM uploads WHERE round_id=? ORDER BY client",
+            (round_id,)).fetchall()
+        basis = self.db.execute("SELECT basis_id FROM rounds WHERE round_id=?", (round_id,)).fetchone()
+        out = []
+        for client, ex, lb, la, blob in rows:
+            steps = step_records_from_wire(unpackb(blob))
+            out.append(Upload(client=client, round_id=round_id, basis_id=basis[0] if basis else "", steps=steps,
+                              examples=int(ex), loss_before=_f(lb), loss_after=_f(la)))
+        return out
+
+    def clients(self) -> list[dict]:
+        cur = self.db.execute("SELECT client, last_seen, uploads FROM clients ORDER BY client")
+        return [{"client": c, "last_seen": ls, "uploads": n} for c, ls, n in cur.fetchall()]
+
+
+def _f(x) -> float:
+    return float("nan") if x is None else float(x)
+

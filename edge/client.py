@@ -1,0 +1,452 @@
+"""The edge's federated client (Flower-like "client" role). Never imports torch.
+
+Loop (:mod:`protocol` messages): connect + HMAC handshake (:func:`protocol.auth.client_handshake`) →
+``RoundRequest`` → ``RoundStart`` of round t (fp32 θ_t, compressed guidance, schedule, λ, local steps) → run the
+local ZO steps in a worker thread with the *decoded* guidance → persist the ``Update`` frame → send it → on
+``Ack`` forget it → repeat. ``Status(phase="wait")`` means ask again; ``Bye(reason="done")`` ends the run.
+
+Robustness: reconnects with exponential backoff (jittered with an explicit RNG); an upload is written to
+``state_dir/pending.bin`` before it is sent and removed after its ack, so a client restarted after a crash
+re-sends it (the guide acks duplicates idempotently); a restarted client that was selected for the open
+round gets the same assignment again and recomputes the same records (seeds are pure functions of step).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import math
+import os
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from edge.zo import ZOConfig, step_seeds, zo_measure
+from protocol.auth import client_handshake
+from protocol.codecs import EncodedArray
+from protocol.constants import DEFAULT_MAX_FRAME
+from protocol.errors import AuthError, ProtocolError
+from protocol.framing import read_frame, write_frame
+from protocol.messages import (
+    Ack,
+    Bye,
+    Error,
+    LossStats,
+    Message,
+    RoundRequest,
+    RoundStart,
+    Status,
+    Update,
+    decode,
+    encode,
+    theta_digest,
+)
+from protocol.zo import Guide, Schedule, StepRecord, apply_step
+
+
+class AuthRefused(RuntimeError):
+    """The guide refused this client's id/token: retrying cannot help."""
+
+
+@dataclass(frozen=True)
+class ClientConfig:
+    """Where the guide is, who we are, where local state lives, and how hard to retry."""
+
+    host: str
+    port: int
+    client_id: str
+    token: str
+    state_dir: str = ".edgezo-client"
+    max_rounds: int = 0  # 0: until the guide says done
+    backoff_initial_s: float = 0.5
+    backoff_max_s: float = 30.0
+    max_reconnects: int = 0  # consecutive failed attempts before giving up; 0: never give up
+    io_timeout_s: float = 120.0
+    max_frame_mb: float = 256.0
+
+    def __post_init__(self) -> None:
+        if not self.client_id or not self.token:
+            raise ValueError("client_id and token are required")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"port must be in [1, 65535], got {self.port}")
+        if self.backoff_initial_s <= 0 or self.backoff_max_s < self.backoff_initial_s:
+            raise ValueError("need 0 < backoff_initial_s <= backoff_max_s")
+        if self.max_rounds < 0 or self.max_reconnects < 0 or self.io_timeout_s <= 0:
+            raise ValueError("max_rounds/max_reconnects must be >= 0 and io_timeout_s > 0")
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` → (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {addr!r}")
+    return host or "127.0.0.1", int(port)
+
+
+def client_seed(client_id: str) -> int:
+    """A stable per-client seed (so clients draw different perturbations)."""
+    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:8], "little") >> 1
+
+
+# ---- local training ---------------------------------------------------------------------------------
+@dataclass
+class RoundResult:
+    steps: list[StepRecord]
+    examples: int
+    loss_before: float
+    loss_after: float
+    theta: np.ndarray  # the θ this client reached (the guide reconstructs it from ``steps``)
+    forward_passes: int = 0
+
+
+class LocalTrainer(Protocol):
+    """What the client needs from a trainer: N local ZO steps from θ under one round's guidance."""
+
+    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
+                    local_steps: int, first_step: int, hyper: dict) -> RoundResult: ...
+
+
+class FunctionTrainer:
+    """Local ZO steps on any forward-only loss ``loss_fn(theta, step) -> float`` (the mini-batch of ``step``).
+
+    Uses the edge's estimator (:func:`edge.zo.zo_measure`) and :func:`protocol.zo.apply_step`, so the guide's
+    replay is exact. ``examples_per_step`` is the batch size the loss evaluates.
+    """
+
+    def __init__(self, *, loss_fn: Callable[[np.ndarray, int], float], examples_per_step: int, seed: int,
+                 q: int = 1) -> None:
+        if examples_per_step < 1 or q < 1:
+            raise ValueError("examples_per_step and q must be >= 1")
+        self.loss_fn, self.examples_per_step, self.seed, self.q = loss_fn, examples_per_step, seed, q
+
+    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
+                    local_steps: int, first_step: int, hyper: dict) -> RoundResult:
+        q = int(hyper.get("q", self.q))
+        th = np.array(theta, np.float32, copy=True)
+        vel = np.zeros_like(th) if schedule.momentum else None
+        steps, losses = [], []
+        for i in range(local_steps):
+            t = first_step + i
+            seeds = step_seeds(self.seed, t, q)
+            rec, info = zo_measure(lambda x, t=t: self.loss_fn(x, t), th, schedule.eps_at(t), seeds,
+                                   ZOConfig(q=q, lam=lam), guide)
+            apply_step(th, vel, rec, t, schedule, guide)
+            steps.append(rec)
+            losses.append(info.loss)
+        return RoundResult(steps=steps, examples=local_steps * self.examples_per_step,
+                           loss_before=float(losses[0]), loss_after=float(losses[-1]), theta=th,
+                           forward_passes=2 * q * local_steps)
+
+
+class EdgeTrainerAdapter:
+    """Drives an :class:`edge.train.Trainer` (llama.cpp) for one round: θ_t, the round's schedule and step in,
+    ``run_local_steps`` out. Momentum restarts at zero each round, as the guide's replay assumes."""
+
+    def __init__(self, *, trainer: Any) -> None:
+        self.trainer = trainer
+
+    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
+                    local_steps: int, first_step: int, hyper: dict) -> RoundResult:
+        tr = self.trainer
+        tr.theta[...] = np.asarray(theta, np.float32)
+        tr.schedule = schedule
+        tr.velocity = np.zeros_like(tr.theta) if schedule.momentum else None
+        tr.step = first_step
+        tr.adapter.write(tr.theta)
+        losses: list[float] = []
+        steps = []
+        for _ in range(local_steps):
+            rec, info = tr.train_step(guide, lam)
+            steps.append(rec)
+            losses.append(info.loss)
+        passes = 2 * sum(r.n_perturbations for r in steps)
+        return RoundResult(steps=steps, examples=local_steps * tr.cfg.batch_size,
+                           loss_before=float(losses[0]), loss_after=float(losses[-1]),
+                           theta=tr.theta.copy(), forward_passes=passes)
+
+
+# ---- the client ---------------------------------------------------------------------------------
+@dataclass
+class ClientSummary:
+    rounds: list[dict] = field(default_factory=list)
+    reconnects: int = 0
+    forward_passes: int = 0
+
+
+class _Conn:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, cfg: ClientConfig) -> None:
+        self.r, self.w, self.cfg = reader, writer, cfg
+
+    async def read(self, idle_timeout: float | None = None) -> Message:
+        """The next message; waits up to ``idle_timeout`` for it to start (default: io_timeout_s)."""
+        c = self.cfg
+        return await read_frame(self.r, max_size=int(c.max_frame_mb * (1 << 20)), timeout=c.io_timeout_s,
+                                idle_timeout=idle_timeout or c.io_timeout_s)
+
+    async def request(self, msg: Message, idle_timeout: float | None = None) -> Message:
+        await write_frame(self.w, msg, timeout=self.cfg.io_timeout_s)
+        return await self.read(idle_timeout)
+
+    async def send_raw(self, frame: bytes) -> Message:
+        self.w.write(frame)
+        await asyncio.wait_for(self.w.drain(), self.cfg.io_timeout_s)
+        return await self.read()
+
+    def close(self) -> None:
+        self.w.close()
+
+
+class EdgeClient:
+    """Joins rounds, trains, uploads, repeats. ``await run()`` returns when the guide is done / max_rounds."""
+
+    def __init__(self, *, config: ClientConfig, trainer: LocalTrainer, rng: np.random.Generator,
+                 log: Callable[..., None] | None = None) -> None:
+        self.cfg, self.trainer, self.rng = config, trainer, rng
+        self.log = log or _stderr_log
+        self.state_dir = Path(config.state_dir)
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        self.guides: dict[str, Guide] = {}  # guide_id → decoded guide (decode each guidance once)
+        self.last_round = -1
+        self.summary = ClientSummary()
+        self.done = False
+        self.theta: np.ndarray | None = None  # θ of the last round trained (after local steps)
+
+    # ---- persistence ------------------------------------------------------------------------------
+    @property
+    def _pending_path(self) -> Path:
+        return self.state_dir / "pending.bin"
+
+    def _save_pending(self, frame: bytes) -> None:
+        tmp = self._pending_path.with_suffix(".tmp")
+        with open(tmp, "wb") as f:
+            f.write(frame)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self._pending_path)
+
+    def _clear_pending(self) -> None:
+        self._pending_path.unlink(missing_ok=True)
+
+    def _record(self, entry: dict) -> None:
+        self.summary.rounds.append(entry)
+        with open(self.state_dir / "rounds.jsonl", "a") as f:
+            f.write(json.dumps(entry) + "\n")
+
+    # ---- main loop --------------------------------------------------------------------------------
+    async def run(self) -> ClientSummary:
+        attempt = 0
+        while not self.done:
+            conn = None
+            try:
+                conn = await self._connect()
+                attempt = 0
+                await self._session(conn)
+            except AuthRefused:
+                raise
+            except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
+                attempt += 1
+                self.summary.reconnects += 1
+                if self.cfg.max_reconnects and attempt > self.cfg.max_reconnects:
+                    raise ConnectionError(f"gave up after {attempt - 1} reconnects: {e}") from e
+                delay = min(self.cfg.backoff_max_s, self.cfg.backoff_initial_s * 2.0 ** (attempt - 1))
+                delay *= 0.5 + 0.5 * float(self.rng.random())
+                self.log("reconnect", client=self.cfg.client_id, attempt=attempt, delay_s=round(delay, 2),
+                         error=f"{type(e).__name__}: {e}")
+                await asyncio.sleep(delay)
+            finally:
+                if conn is not None:
+                    conn.close()
+        return self.summary
+
+    async def _connect(self) -> _Conn:
+        c = self.cfg
+        r, w = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.io_timeout_s)
+        conn = _Conn(r, w, c)
+        try:
+            welcome = await client_handshake(r, w, c.client_id, c.token, timeout=c.io_timeout_s, software="edgezo")
+        except AuthError as e:
+            conn.close()
+            raise AuthRefused(f"guide refused client {c.client_id!r}: {e}") from e
+        except BaseException:
+            conn.close()
+            raise
+        self.log("connected", client=c.client_id, session=welcome.session_id)
+        return conn
+
+    async def _session(self, conn: _Conn) -> None:
+        if self._pending_path.exists():  # an upload from before a crash/disconnect: re-send it first
+            reply = await conn.send_raw(self._pending_path.read_bytes())
+            self.log("resent", client=self.cfg.client_id, reply=_reply_name(reply),
+                     code=reply.code if isinstance(reply, Error) else None)
+            self._clear_pending()
+        while not self.done:
+            if self.cfg.max_rounds and len(self.summary.rounds) >= self.cfg.max_rounds:
+                self.done = True
+                await write_frame(conn.w, Bye(), timeout=self.cfg.io_timeout_s)
+                return
+            digest = theta_digest(self.theta) if self.theta is not None else ""
+            msg = await conn.request(RoundRequest(last_round=self.last_round, theta_digest=digest),
+                                     idle_timeout=self.cfg.io_timeout_s + 60.0)
+            if isinstance(msg, Bye):
+                self.done = True
+                return
+            if isinstance(msg, Status):
+                retry = msg.extra.get("retry_s", 0.0)
+                await asyncio.sleep(float(retry) if isinstance(retry, (int, float)) else 0.0)
+                continue
+            if isinstance(msg, Error):
+                raise msg.exception()
+            if not isinstance(msg, RoundStart):
+                raise ProtocolError(f"unexpected reply to RoundRequest: {type(msg).__name__}")
+            await self._do_round(conn, msg)
+
+    def _guide(self, rs: RoundStart) -> Guide | None:
+        """The round's decoded guidance (cached by guide_id: decoding a large Q once per guide)."""
+        if rs.guidance is None:
+            return None
+        gid = rs.guidance.guide_id or rs.guidance.digest()
+        if gid not in self.guides:
+            self.guides[gid] = rs.guidance.to_guide()
+            while len(self.guides) > 2:
+                self.guides.pop(next(iter(self.guides)))
+        return self.guides[gid]
+
+    async def _do_round(self, conn: _Conn, rs: RoundStart) -> None:
+        rid, h = rs.round_id, rs.hyper
+        if not isinstance(rs.theta, EncodedArray):
+            raise ProtocolError("this client takes a dense θ (base_round = -1), got replay records")
+        theta = rs.theta.decode().astype(np.float32)
+        if rs.theta_digest and theta_digest(theta) != rs.theta_digest:
+            raise ProtocolError(f"round {rid}: decoded θ does not match the guide's digest")
+        guide = self._guide(rs)
+        gid = rs.guidance.guide_id if rs.guidance is not None else ""
+        t0 = time.perf_counter()
+        res: RoundResult = await asyncio.get_running_loop().run_in_executor(None, lambda: self.trainer.train_round(
+            theta=theta, guide=guide, schedule=h.schedule, lam=rs.lam, local_steps=h.local_steps,
+            first_step=h.first_step, hyper={"q": h.q, "batch": h.batch_size, "seed_base": h.seed_base}))
+        train_s = time.perf_counter() - t0
+        self.theta, self.last_round = res.theta, rid
+        self.summary.forward_passes += res.forward_passes
+        fin = [x for x in (res.loss_before, res.loss_after) if math.isfinite(x)] or [0.0]
+        loss = LossStats(mean=float(np.mean(fin)), min=min(fin), max=max(fin), last=fin[-1])
+        frame = encode(Update(round_id=rid, client_id=self.cfg.client_id, steps=res.steps, first_step=h.first_step,
+                              n_examples=res.examples, loss=loss, guide_id=gid, theta_digest=rs.theta_digest,
+                              duration_s=train_s))
+        self._save_pending(frame)
+        reply = await conn.send_raw(frame)
+        self._clear_pending()
+        entry = {"round": rid, "reply": _reply_name(reply), "loss_before": _num(res.loss_before),
+                 "loss_after": _num(res.loss_after), "train_s": round(train_s, 3),
+                 "forward_passes": res.forward_passes, "up_bytes": len(frame)}
+        if isinstance(reply, Error):
+            entry["error"] = reply.message
+        elif isinstance(reply, Ack) and not reply.accepted:
+            entry["error"] = reply.reason
+        self._record(entry)
+        self.log("round_done", client=self.cfg.client_id, **entry)
+
+
+def _reply_name(reply: Message) -> str:
+    """"ack" (accepted), "refused" (Ack not accepted), "error" or the message type."""
+    if isinstance(reply, Ack):
+        return "ack" if reply.accepted else "refused"
+    return "error" if isinstance(reply, Error) else reply.TYPE
+
+
+def _num(x: float) -> float | None:
+    return float(x) if math.isfinite(x) else None
+
+
+def _stderr_log(event: str, **fields: Any) -> None:
+    import sys
+
+    print(json.dumps({"ts": round(time.time(), 3), "event": event, **fields}), file=sys.stderr, flush=True)
+
+
+def decode_pending(frame: bytes) -> Update:
+    """The Update stored in a pending file (for tools and tests)."""
+    msg = decode(frame)
+    if not isinstance(msg, Update):
+        raise ValueError(f"pending file holds a {type(msg).__name__}, not an Update")
+    return msg
+
+
+__all__ = [
+    "DEFAULT_MAX_FRAME", "AuthRefused", "ClientConfig", "ClientSummary", "EdgeClient", "EdgeTrainerAdapter",
+    "FunctionTrainer", "LocalTrainer", "RoundResult", "add_guide_args", "client_seed", "parse_addr", "run_guided",
+]
+
+
+# ---- `edgezo train --guide ADDR`: the pieces edge/commands.py wires in ----------------------------------
+def add_guide_args(p) -> None:
+    """Add the federated flags to the ``train`` parser (``--guide`` switches train into client mode)."""
+    p.add_argument("--guide", default=None, metavar="HOST:PORT", help="join a guide's federated rounds")
+    p.add_argument("--token", default=None, help="this device's guide token (or env EDGEZO_TOKEN)")
+    p.add_argument("--client-id", default=None, help="this device's id at the guide (default: hostname)")
+    p.add_argument("--state-dir", default=".edgezo-client", help="pending uploads and round log")
+    p.add_argument("--max-rounds", type=int, default=0, help="stop after N rounds (0: until the guide is done)")
+
+
+def run_guided(args, trainer) -> int:
+    """Client mode of ``edgezo train``: ``trainer`` is the edge's :class:`edge.train.Trainer` (llama.cpp).
+
+    The guide decides θ, schedule, λ and local steps; the local ``--steps``/``--lr`` are ignored.
+    """
+    import dataclasses
+    import socket
+    import sys
+
+    token = args.token or os.environ.get("EDGEZO_TOKEN")
+    if not token:
+        print("edgezo: error: --guide needs --token (or EDGEZO_TOKEN)", file=sys.stderr)
+        return 2
+    host, port = parse_addr(args.guide)
+    cid = args.client_id or socket.gethostname()
+    if getattr(trainer.cfg, "seed", 0) == 0:  # distinct perturbation seeds per device
+        trainer.cfg = dataclasses.replace(trainer.cfg, seed=client_seed(cid) % (2**31))
+    cfg = ClientConfig(host=host, port=port, client_id=cid, token=token, state_dir=args.state_dir,
+                       max_rounds=args.max_rounds)
+    client = EdgeClient(config=cfg, trainer=EdgeTrainerAdapter(trainer=trainer),
+                        rng=np.random.default_rng(client_seed(cid)))
+    try:
+        summary = asyncio.run(client.run())
+    except AuthRefused as e:
+        print(f"edgezo: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"rounds": len(summary.rounds), "reconnects": summary.reconnects,
+                      "forward_passes": summary.forward_passes}))
+    return 0
+
+
+# ---- edge-side construction for in-process orchestration (the demo): llama_cpp is imported only here ----
+def llama_trainer(*, gguf: str | os.PathLike, spec, texts: list[str], labels: list[int], name: str, batch: int,
+                  q: int, lr: float, eps: float, threads: int, init_seed: int,
+                  label_words: tuple[str, str] = ("negative", "positive")):
+    """(Trainer, Runtime) for a binary classification slice on a GGUF through llama.cpp (edge.train)."""
+    from edge.data import Row
+    from edge.runtime import Runtime, RuntimeConfig
+    from edge.tasks import ClassificationTask
+    from edge.train import TrainConfig, Trainer
+
+    rt = Runtime(gguf, RuntimeConfig(n_ctx=2048, n_seq_max=max(batch, 32), n_threads=threads))
+    task = ClassificationTask(rt, {"neg": label_words[0], "pos": label_words[1]})
+    enc = [task.encode(Row(t, "pos" if y else "neg")) for t, y in zip(texts, labels, strict=True)]
+    cfg = TrainConfig(batch_size=batch, seed=client_seed(name) % (2**31), q=q, lr=lr, eps=eps)
+    return Trainer(rt, task, enc, spec, cfg, tensors=spec.init(init_seed)), rt
+
+
+def llama_margins(trainer, theta: np.ndarray, texts: list[str], batch: int) -> np.ndarray:
+    """logit(positive) − logit(negative) per text with θ written into the trainer's llama.cpp adapter."""
+    from edge.data import Row
+
+    trainer.theta[...] = theta
+    trainer.adapter.write(trainer.theta)
+    enc = [trainer.task.encode(Row(t, "neg")) for t in texts]
+    out = [trainer.task.scores(enc[i : i + batch]) for i in range(0, len(enc), batch)]
+    s = np.concatenate(out)
+    return s[:, 1] - s[:, 0]

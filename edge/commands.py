@@ -1,0 +1,202 @@
+"""``edgezo train`` and ``edgezo eval``: the edge subcommands (registered by edge/cli.py)."""
+
+from __future__ import annotations
+
+import argparse
+import ctypes
+import json
+import sys
+from pathlib import Path
+
+from edge.client import add_guide_args, run_guided
+from protocol.spec import LORA_TARGETS, AdapterSpec
+
+DEFAULT_LABEL_WORDS = "positive=positive,negative=negative"
+
+
+def parse_label_words(s: str) -> dict[str, str]:
+    """'fresh=positive,rotten=negative' -> {'fresh': 'positive', 'rotten': 'negative'}."""
+    out: dict[str, str] = {}
+    for part in s.split(","):
+        if not part.strip():
+            continue
+        if "=" not in part:
+            raise ValueError(f"--label-words entry {part!r} is not LABEL=WORD")
+        k, v = part.split("=", 1)
+        out[k.strip()] = v
+    return out
+
+
+def _data_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", required=True, help="base model GGUF (quantized is fine)")
+    p.add_argument("--task", choices=["classification", "generation"], default="classification")
+    p.add_argument("--text-field", default="text", help="column/key of the text (or prompt)")
+    p.add_argument("--label-field", default="label", help="column/key of the label (or completion)")
+    p.add_argument("--label-words", default=DEFAULT_LABEL_WORDS, help="LABEL=WORD,... (classification)")
+    p.add_argument("--template", default=None, help="prompt template with {text}")
+    p.add_argument("--batch-size", type=int, default=16)
+    p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
+    p.add_argument("--n-ctx", type=int, default=2048, help="KV cells per pass (all sequences of a batch)")
+    p.add_argument("--max-eval", type=int, default=0, help="cap on evaluation examples (0: all)")
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add ``train`` and ``eval`` to the edgezo CLI."""
+    t = sub.add_parser("train", help="zeroth-order adapter training through llama.cpp (no backprop)")
+    _data_args(t)
+    t.add_argument("--data", required=True, help="training data (.csv/.tsv/.jsonl, optionally .gz/.bz2)")
+    t.add_argument("--eval-data", default=None, help="evaluation data (default: a held-out split of --data)")
+    t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share when --eval-data is absent")
+    t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--steps", type=int, default=None, help="local steps (required without --guide)")
+    t.add_argument("--out", default=None, help="output adapter GGUF (llama.cpp LoRA; required without --guide)")
+    t.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT.ckpt.npz)")
+    t.add_argument("--ckpt-every", type=int, default=50)
+    t.add_argument("--resume", action="store_true", help="continue from the checkpoint exactly")
+    t.add_argument("--rank", type=int, default=8)
+    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--targets", default="q_proj,v_proj", help=f"comma list of {list(LORA_TARGETS)}")
+    t.add_argument("--layers", default="", help="comma list of layer indices (default: all)")
+    t.add_argument("--train", choices=["AB", "B"], default="AB")
+    t.add_argument("--lr", type=float, default=3e-3)
+    t.add_argument("--eps", type=float, default=1e-2)
+    t.add_argument("--q", type=int, default=1, help="perturbations per step")
+    t.add_argument("--momentum", type=float, default=0.0)
+    t.add_argument("--warmup", type=int, default=0)
+    t.add_argument("--decay", choices=["constant", "cosine", "linear"], default="linear")
+    t.add_argument("--split-layer", type=int, default=None, help="split perturbation: block 2 starts here")
+    t.add_argument("--p1", type=int, default=1)
+    t.add_argument("--p2", type=int, default=2)
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--no-progress", action="store_true")
+    t.add_argument("--log", default=None, help="write the per-step history as JSON here")
+    add_guide_args(t)  # --guide HOST:PORT --token ...: federated client mode (edge/client.py)
+    t.set_defaults(handler=cmd_train)
+
+    e = sub.add_parser("eval", help="evaluate a model (+ adapter) on labelled data; prints JSON")
+    _data_args(e)
+    e.add_argument("--data", required=True)
+    e.add_argument("--adapter", default=None, help="LoRA adapter GGUF")
+    e.set_defaults(handler=cmd_eval)
+
+
+def _build(args: argparse.Namespace):
+    """Runtime and task from the shared arguments."""
+    from edge.runtime import Runtime, RuntimeConfig
+    from edge.tasks import DEFAULT_TEMPLATE, ClassificationTask, GenerationTask
+
+    rt = Runtime(args.model, RuntimeConfig(n_ctx=args.n_ctx, n_seq_max=max(args.batch_size, 1), n_threads=args.threads))
+    if args.task == "classification":
+        task = ClassificationTask(rt, parse_label_words(args.label_words), args.template or DEFAULT_TEMPLATE)
+    else:
+        task = GenerationTask(rt, args.template or "{text}")
+    return rt, task
+
+
+def _rows(args: argparse.Namespace, path: str, task):
+    from edge.data import load_rows
+
+    labels = set(task.labels) if task.kind == "classification" else None
+    ds = load_rows(path, args.text_field, args.label_field, labels)
+    if ds.skipped:
+        print(f"edgezo: {path}: skipped {ds.skipped} rows {ds.reasons}", file=sys.stderr)
+    return ds.rows
+
+
+def _fail(msg: str) -> int:
+    print(f"edgezo: error: {msg}", file=sys.stderr)
+    return 2
+
+
+def cmd_train(args: argparse.Namespace) -> int:
+    from edge.data import DataError, shuffle_split
+    from edge.runtime import RuntimeErrorEZ
+    from edge.tasks import TaskError
+    from edge.train import TrainConfig, Trainer, train_loop
+
+    if not args.guide and (args.steps is None or args.out is None):
+        return _fail("train needs --steps and --out (or --guide HOST:PORT to let a guide drive the rounds)")
+    try:
+        rt, task = _build(args)
+        rows = _rows(args, args.data, task)
+        if args.eval_data:
+            train_rows, _ = shuffle_split(rows, args.seed)
+            eval_rows = _rows(args, args.eval_data, task)
+        else:
+            train_rows, eval_rows = shuffle_split(rows, args.seed, args.eval_fraction)
+        if args.max_eval:
+            eval_rows = eval_rows[: args.max_eval]
+        train_set = [task.encode(r) for r in train_rows]
+        eval_set = [task.encode(r) for r in eval_rows]
+        layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
+        spec = AdapterSpec(
+            "lora", rt.dims(), rank=args.rank, alpha=args.alpha,
+            targets=tuple(x.strip() for x in args.targets.split(",") if x.strip()), layers=layers, train=args.train,
+        )
+        cfg = TrainConfig(
+            steps=args.steps or 1, batch_size=args.batch_size, seed=args.seed, lr=args.lr, eps=args.eps,
+            momentum=args.momentum, warmup=args.warmup, decay=args.decay, q=args.q,
+            split_layer=args.split_layer, p1=args.p1, p2=args.p2,
+        )
+        trainer = Trainer(rt, task, train_set, spec, cfg)
+        if args.guide:  # the guide decides θ, schedule, λ and local steps for every round
+            rc = run_guided(args, trainer)
+            trainer.close()
+            rt.close()
+            return rc
+        ckpt = Path(args.ckpt or (args.out + ".ckpt.npz"))
+        if args.resume:
+            if not ckpt.exists():
+                return _fail(f"--resume: no checkpoint at {ckpt}")
+            trainer.load_checkpoint(ckpt)
+            print(f"edgezo: resumed from {ckpt} at step {trainer.step}", file=sys.stderr)
+        history = train_loop(trainer, args.out, eval_set, args.eval_every, ckpt, args.ckpt_every, progress=not args.no_progress)
+        if args.log:
+            Path(args.log).write_text(json.dumps(history))
+        summary = {"out": args.out, "steps": trainer.step, "rejected": trainer.rejected, "d": spec.d}
+        if eval_set:
+            summary["eval"] = trainer.evaluate(eval_set)
+        print(json.dumps(summary))
+        trainer.close()
+        rt.close()
+        return 0
+    except (RuntimeErrorEZ, DataError, TaskError, ValueError, KeyError) as e:
+        return _fail(str(e))
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    import llama_cpp
+
+    from edge.adapter import check_adapter_fits, infer_spec, read_adapter_gguf
+    from edge.data import DataError
+    from edge.runtime import RuntimeErrorEZ, check_gguf
+    from edge.tasks import TaskError
+
+    try:
+        rt, task = _build(args)
+        handle = None
+        if args.adapter:
+            check_gguf(args.adapter, "adapter")
+            tensors, alpha, arch = read_adapter_gguf(args.adapter, rt.dims())
+            if arch != rt.arch:
+                return _fail(f"adapter {args.adapter} is for architecture {arch!r}, model is {rt.arch!r}")
+            check_adapter_fits(infer_spec(tensors, alpha, rt.dims()), rt, arch, tensors)
+            handle = llama_cpp.llama_adapter_lora_init(rt.model, str(args.adapter).encode())
+            if not handle:
+                return _fail(f"llama.cpp rejected adapter {args.adapter} (tensor shapes do not fit this model?)")
+            arr = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(handle)
+            llama_cpp.llama_set_adapters_lora(rt.ctx, arr, 1, (ctypes.c_float * 1)(1.0))
+        rows = _rows(args, args.data, task)
+        if args.max_eval:
+            rows = rows[: args.max_eval]
+        data = [task.encode(r) for r in rows]
+        bs = args.batch_size
+        result = task.evaluate([data[i : i + bs] for i in range(0, len(data), bs)])
+        print(json.dumps(result))
+        if handle:
+            llama_cpp.llama_set_adapters_lora(rt.ctx, None, 0, None)
+            llama_cpp.llama_adapter_lora_free(handle)
+        rt.close()
+        return 0
+    except (RuntimeErrorEZ, DataError, TaskError, ValueError, KeyError) as e:
+        return _fail(str(e))

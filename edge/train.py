@@ -1,0 +1,238 @@
+"""The edge training loop (nanoGPT-style): measure a ZO step, apply it with protocol.zo.apply_step, repeat.
+
+``Trainer`` owns θ, the momentum buffer and the step counter; ``run_local_steps`` is the unit a federated
+client calls (N local steps under one Guide, returning the StepRecords to upload). Checkpoints are atomic
+(write + fsync + rename) and hold everything a resume needs; batches and seeds are pure functions of
+(seed, step), so a resumed run is bit-identical to an uninterrupted one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge.adapter import LoraAdapter, write_adapter_gguf
+from edge.data import batch_indices
+from edge.runtime import Runtime
+from edge.tasks import Encoded
+from edge.zo import StepInfo, ZOConfig, step_seeds, zo_measure
+from protocol.spec import AdapterSpec
+from protocol.zo import Guide, Schedule, StepRecord, apply_step
+
+CKPT_VERSION = 1
+
+
+def peak_rss_mb() -> float:
+    """Peak resident set size of this process in MiB (Linux ru_maxrss is KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Everything that defines a run besides the model and data (saved in checkpoints)."""
+
+    steps: int = 100
+    batch_size: int = 16
+    seed: int = 0
+    lr: float = 1e-4
+    eps: float = 1e-3
+    momentum: float = 0.0
+    warmup: int = 0
+    decay: str = "constant"
+    q: int = 1
+    split_layer: int | None = None
+    p1: int = 1
+    p2: int = 2
+    lam: float | str = 0.0
+    init_b_std: float = 0.0  # 0: B = 0 (PEFT init); >0 only for tests (non-zero B so A gets gradient)
+
+    def schedule(self) -> Schedule:
+        return Schedule(lr=self.lr, eps=self.eps, momentum=self.momentum, warmup=self.warmup, decay=self.decay, total_steps=self.steps)
+
+
+class Trainer:
+    """θ, velocity and step for one adapter on one runtime; ``train_step`` does one ZO step."""
+
+    def __init__(
+        self,
+        rt: Runtime,
+        task,
+        train_set: list[Encoded],
+        spec: AdapterSpec,
+        cfg: TrainConfig,
+        tensors: dict[str, np.ndarray] | None = None,
+    ) -> None:
+        if not train_set:
+            raise ValueError("empty training set")
+        self.rt, self.task, self.train_set, self.spec, self.cfg = rt, task, train_set, spec, cfg
+        self.schedule = cfg.schedule()
+        if tensors is None:
+            tensors = spec.init(cfg.seed)
+            if cfg.init_b_std:
+                rng = np.random.Generator(np.random.PCG64(cfg.seed + 1))
+                for info in spec.tensors:
+                    if info.part == "B":
+                        tensors[info.gguf_name] = (cfg.init_b_std * rng.standard_normal(info.shape)).astype(np.float32)
+        self.frozen = {k: v for k, v in tensors.items() if not self._trainable(k)}
+        self.theta = spec.flatten(tensors)  # (d,) float32
+        self.velocity = np.zeros_like(self.theta) if self.schedule.momentum else None
+        self.step = 0
+        split = None if cfg.split_layer is None else spec.layer_offset(cfg.split_layer)
+        self.zo_cfg = ZOConfig(q=cfg.q, split=split, p1=cfg.p1, p2=cfg.p2, lam=cfg.lam)
+        self.adapter = LoraAdapter(rt, spec, tensors)
+        self.rejected = 0
+
+    def _trainable(self, name: str) -> bool:
+        return any(i.gguf_name == name and i.trainable for i in self.spec.tensors)
+
+    # ---- one step -----------------------------------------------------------------------------------
+    def batch(self, step: int) -> list[Encoded]:
+        idx = batch_indices(len(self.train_set), self.cfg.batch_size, step, self.cfg.seed)
+        return [self.train_set[i] for i in idx]
+
+    def loss_at(self, theta: np.ndarray, batch: list[Encoded]) -> float:
+        """Loss of ``batch`` with θ written in place into llama.cpp's adapter."""
+        self.adapter.write(theta)
+        return self.task.loss(batch)
+
+    def train_step(self, guide: Guide | None = None, lam: float | str | None = None) -> tuple[StepRecord, StepInfo]:
+        """Measure one ZO step on this step's mini-batch, apply it (protocol.zo.apply_step), advance."""
+        t = self.step
+        batch = self.batch(t)
+        cfg = self.zo_cfg if lam is None else ZOConfig(self.zo_cfg.q, self.zo_cfg.split, self.zo_cfg.p1, self.zo_cfg.p2, lam)
+        n_seeds = cfg.q if cfg.split is None else cfg.p1 * (1 + cfg.p2)
+        seeds = step_seeds(self.cfg.seed, t, n_seeds)
+        record, info = zo_measure(lambda th: self.loss_at(th, batch), self.theta, self.schedule.eps_at(t), seeds, cfg, guide)
+        self.rejected += info.rejected
+        apply_step(self.theta, self.velocity, record, t, self.schedule, guide)
+        self.adapter.write(self.theta)
+        self.step += 1
+        return record, info
+
+    def set_theta(self, theta: np.ndarray, step: int | None = None) -> None:
+        """Adopt θ from the cloud (start of a federated round): momentum restarts at zero, as in replay."""
+        theta = np.asarray(theta, np.float32)
+        if theta.shape != self.theta.shape:
+            raise ValueError(f"θ has shape {theta.shape}, adapter expects {self.theta.shape}")
+        self.theta[...] = theta
+        if self.velocity is not None:
+            self.velocity[...] = 0.0
+        if step is not None:
+            self.step = int(step)
+        self.adapter.write(self.theta)
+
+    # ---- evaluation / output ------------------------------------------------------------------------
+    def evaluate(self, data: list[Encoded], batch_size: int | None = None) -> dict:
+        bs = batch_size or self.cfg.batch_size
+        self.adapter.write(self.theta)
+        return self.task.evaluate([data[i : i + bs] for i in range(0, len(data), bs)])
+
+    def tensors(self) -> dict[str, np.ndarray]:
+        return self.spec.unflatten(self.theta, self.frozen)
+
+    def save_adapter(self, path: str | os.PathLike) -> None:
+        write_adapter_gguf(path, self.spec, self.tensors(), self.rt.arch)
+
+    def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None) -> None:
+        """Atomic checkpoint: θ, velocity, frozen tensors, step, config, spec (npz, fsync, rename)."""
+        path = Path(path)
+        tmp = path.with_name(path.name + ".tmp")
+        meta = {
+            "version": CKPT_VERSION,
+            "step": self.step,
+            "rejected": self.rejected,
+            "config": asdict(self.cfg),
+            "spec": self.spec.to_dict(),
+            "extra": extra or {},
+        }
+        arrays = {"theta": self.theta, "meta": np.frombuffer(json.dumps(meta).encode(), np.uint8)}
+        if self.velocity is not None:
+            arrays["velocity"] = self.velocity
+        for k, v in self.frozen.items():
+            arrays["frozen/" + k] = v
+        with open(tmp, "wb") as f:
+            np.savez(f, **arrays)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+
+    def load_checkpoint(self, path: str | os.PathLike) -> dict:
+        """Restore θ, velocity, frozen tensors and step; refuses a checkpoint of another run shape."""
+        with np.load(path) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            if meta.get("version") != CKPT_VERSION:
+                raise ValueError(f"checkpoint {path} has version {meta.get('version')}, expected {CKPT_VERSION}")
+            if AdapterSpec.from_dict(meta["spec"]) != self.spec:
+                raise ValueError(f"checkpoint {path} is for another adapter spec: {meta['spec']}")
+            theta = z["theta"]
+            if theta.shape != self.theta.shape:
+                raise ValueError(f"checkpoint θ has shape {theta.shape}, expected {self.theta.shape}")
+            self.theta[...] = theta
+            if self.velocity is not None:
+                self.velocity[...] = z["velocity"] if "velocity" in z else 0.0
+            for k in list(self.frozen):
+                self.frozen[k] = z["frozen/" + k].copy()
+        self.step = int(meta["step"])
+        self.rejected = int(meta.get("rejected", 0))
+        self.adapter.write_tensors(self.frozen)
+        self.adapter.write(self.theta)
+        return meta
+
+    def close(self) -> None:
+        self.adapter.close()
+
+
+def run_local_steps(trainer: Trainer, n_steps: int, guide: Guide | None = None, lam: float | str | None = None) -> list[StepRecord]:
+    """N local steps under one guide (federated round): the StepRecords to upload, θ updated in ``trainer``.
+
+    The cloud replays them with ``protocol.zo.replay(θ_start, records, schedule, guide, first_step)``,
+    where first_step is ``trainer.step`` before the call.
+    """
+    return [trainer.train_step(guide, lam)[0] for _ in range(n_steps)]
+
+
+def train_loop(
+    trainer: Trainer,
+    out: str | os.PathLike,
+    eval_set: list[Encoded] | None = None,
+    eval_every: int = 0,
+    ckpt_path: str | os.PathLike | None = None,
+    ckpt_every: int = 0,
+    progress: bool = True,
+    log: list[dict] | None = None,
+) -> list[dict]:
+    """Train to ``trainer.cfg.steps`` (from ``trainer.step``), with periodic eval and checkpoints; write ``out``."""
+    from tqdm import tqdm
+
+    history = log if log is not None else []
+    total = trainer.cfg.steps
+    bar = tqdm(total=total, initial=trainer.step, disable=not progress, dynamic_ncols=True, unit="step")
+    ema = None
+    t0 = time.perf_counter()
+    start = trainer.step
+    while trainer.step < total:
+        _, info = trainer.train_step()
+        if not info.rejected:
+            ema = info.loss if ema is None else 0.9 * ema + 0.1 * info.loss
+        done = trainer.step - start
+        entry = {"step": trainer.step, "loss": info.loss, "rejected": info.rejected, "rss_mb": round(peak_rss_mb(), 1)}
+        if info.rejected:
+            entry["reason"] = info.reason
+            bar.write(f"step {trainer.step}: rejected ({info.reason})")
+        if eval_set and eval_every and (trainer.step % eval_every == 0 or trainer.step == total):
+            entry["eval"] = trainer.evaluate(eval_set)
+            bar.write(f"step {trainer.step}: eval {json.dumps(entry['eval'])}")
+        history.append(entry)
+        bar.set_postfix(loss=f"{ema:.4f}" if ema is not None else "nan", sps=f"{done / (time.perf_counter() - t0):.2f}", rss=f"{peak_rss_mb():.0f}M")
+        bar.update(1)
+        if ckpt_path and ckpt_every and (trainer.step % ckpt_every == 0 or trainer.step == total):
+            trainer.save_checkpoint(ckpt_path)
+    bar.close()
+    trainer.save_adapter(out)
+    return history

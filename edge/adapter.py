@@ -237,3 +237,114 @@ class LoraAdapter:
             self.views.clear()
             llama_cpp.llama_adapter_lora_free(self.handle)
             self.handle = None
+
+
+# ---- control vectors ---------------------------------------------------------------------------------------
+CONTROL_ARCH = "controlvector"  # general.architecture of llama.cpp's control-vector GGUF (common/common.cpp)
+
+
+class ControlAdapter:
+    """A control vector: one direction per layer, added to the residual stream after that layer.
+
+    llama.cpp owns one (n_embd,) F32 tensor per layer 1..n_layer-1 (layer 0 has no slot) and
+    ``llama_set_adapter_cvec`` copies a host buffer into them; nothing is reloaded or reallocated after the first
+    call, so ``write(theta)`` is the same in-place write as LoRA's, just through llama.cpp's own copy.
+    """
+
+    def __init__(self, rt: Runtime, spec: AdapterSpec, tensors: Mapping[str, np.ndarray]) -> None:
+        if spec.kind != "control":
+            raise ValueError(f"ControlAdapter needs a control spec, got {spec.kind!r}")
+        if spec.dims != rt.dims():
+            raise RuntimeErrorEZ(f"control vector made for dims {spec.dims.to_dict()}, model has {rt.dims().to_dict()}")
+        if 0 in spec.layers:
+            raise ValueError("llama.cpp has no control-vector slot for layer 0: use layers 1..n_layers-1")
+        self.rt, self.spec = rt, spec
+        self.buf = np.zeros((rt.n_layer - 1, rt.n_embd), np.float32)  # row il-1 holds layer il
+        self.write_tensors(tensors)
+
+    def _apply(self) -> None:
+        ptr = self.buf.ctypes.data_as(ctypes.POINTER(ctypes.c_float))
+        if llama_cpp.llama_set_adapter_cvec(self.rt.ctx, ptr, self.buf.size, self.rt.n_embd, 1, self.rt.n_layer - 1):
+            raise RuntimeErrorEZ("llama_set_adapter_cvec failed")
+
+    def write(self, theta: np.ndarray) -> None:
+        """θ (d,) float32 → the per-layer directions llama.cpp adds at the next decode."""
+        for info in self.spec.tensors:
+            self.buf[info.layer - 1] = theta[info.offset : info.offset + info.size]
+        self._apply()
+
+    def write_tensors(self, tensors: Mapping[str, np.ndarray]) -> None:
+        for info in self.spec.tensors:
+            arr = tensors.get(info.gguf_name)
+            if arr is None or tuple(np.shape(arr)) != info.shape:
+                got = None if arr is None else tuple(np.shape(arr))
+                raise RuntimeErrorEZ(f"control tensor {info.gguf_name} has shape {got}, model needs {info.shape}")
+            self.buf[info.layer - 1] = arr
+        self._apply()
+
+    def read(self) -> dict[str, np.ndarray]:
+        return {i.gguf_name: self.buf[i.layer - 1].copy() for i in self.spec.tensors}
+
+    def close(self) -> None:
+        """Clear the context's control vector (llama.cpp keeps its small buffers until the context is freed)."""
+        if self.rt.ctx:
+            llama_cpp.llama_set_adapter_cvec(self.rt.ctx, None, 0, self.rt.n_embd, -1, -1)
+
+
+def make_adapter(rt: Runtime, spec: AdapterSpec, tensors: Mapping[str, np.ndarray]) -> LoraAdapter | ControlAdapter:
+    """The in-place adapter for ``spec.kind``."""
+    return ControlAdapter(rt, spec, tensors) if spec.kind == "control" else LoraAdapter(rt, spec, tensors)
+
+
+def write_control_gguf(path: str | os.PathLike, spec: AdapterSpec, tensors: Mapping[str, np.ndarray], arch: str) -> None:
+    """llama.cpp's control-vector GGUF (``--control-vector FILE``): tensors ``direction.{il}``, written atomically."""
+    import gguf
+
+    from convert.atomic import atomic_file
+
+    with atomic_file(Path(path)) as tmp:
+        w = gguf.GGUFWriter(str(tmp), CONTROL_ARCH)
+        w.add_string(f"{CONTROL_ARCH}.model_hint", arch)
+        w.add_uint32(f"{CONTROL_ARCH}.layer_count", len(spec.tensors))
+        for info in spec.tensors:
+            w.add_tensor(info.gguf_name, np.ascontiguousarray(tensors[info.gguf_name], np.float32))
+        w.write_header_to_file()
+        w.write_kv_data_to_file()
+        w.write_tensors_to_file()
+        w.close()
+
+
+def adapter_kind(path: str | os.PathLike) -> str:
+    """"control" for a control-vector GGUF, else "lora" (read from general.architecture)."""
+    import gguf
+
+    try:
+        f = gguf.GGUFReader(Path(path)).fields.get("general.architecture")
+        arch = bytes(f.parts[f.data[0]]).decode() if f else ""
+    except Exception as e:  # gguf raises assorted errors on corrupt files
+        raise RuntimeErrorEZ(f"adapter {path}: not a readable GGUF ({e})") from e
+    return "control" if arch == CONTROL_ARCH else "lora"
+
+
+def read_control_gguf(path: str | os.PathLike, dims: ModelDims) -> tuple[AdapterSpec, dict[str, np.ndarray], str]:
+    """(spec, tensors, model hint) of a control-vector GGUF; clear errors for another model's vector."""
+    import gguf
+
+    p = check_gguf(path, "control vector")
+    r = gguf.GGUFReader(p)
+    f = r.fields.get("general.architecture")
+    if f is None or bytes(f.parts[f.data[0]]).decode() != CONTROL_ARCH:
+        raise RuntimeErrorEZ(f"{p} is not a control-vector GGUF")
+    hint_f = r.fields.get(f"{CONTROL_ARCH}.model_hint")
+    hint = bytes(hint_f.parts[hint_f.data[0]]).decode() if hint_f else ""
+    tensors = {t.name: np.array(t.data, np.float32).reshape(-1) for t in r.tensors}
+    layers = []
+    for name, arr in tensors.items():
+        if not re.fullmatch(r"direction\.\d+", name) or arr.size != dims.hidden:
+            raise RuntimeErrorEZ(f"{p}: tensor {name} with {arr.size} values does not fit a model of width {dims.hidden}")
+        layers.append(int(name.split(".")[1]))
+    try:
+        spec = AdapterSpec("control", dims, layers=tuple(sorted(layers)))
+    except ValueError as e:
+        raise RuntimeErrorEZ(f"{p}: {e}") from e
+    return spec, tensors, hint

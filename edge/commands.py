@@ -53,6 +53,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT.ckpt.npz)")
     t.add_argument("--ckpt-every", type=int, default=50)
     t.add_argument("--resume", action="store_true", help="continue from the checkpoint exactly")
+    t.add_argument("--kind", choices=["lora", "control"], default="lora",
+                   help="adapter kind: LoRA, or a control vector (one direction per layer, layers 1..n-1)")
     t.add_argument("--rank", type=int, default=8)
     t.add_argument("--alpha", type=float, default=16.0)
     t.add_argument("--targets", default="q_proj,v_proj", help=f"comma list of {list(LORA_TARGETS)}")
@@ -76,7 +78,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     e = sub.add_parser("eval", help="evaluate a model (+ adapter) on labelled data; prints JSON")
     _data_args(e)
     e.add_argument("--data", required=True)
-    e.add_argument("--adapter", default=None, help="LoRA adapter GGUF")
+    e.add_argument("--adapter", default=None, help="LoRA adapter or control-vector GGUF (edgezo train --out)")
     e.set_defaults(handler=cmd_eval)
 
 
@@ -129,10 +131,14 @@ def cmd_train(args: argparse.Namespace) -> int:
         train_set = [task.encode(r) for r in train_rows]
         eval_set = [task.encode(r) for r in eval_rows]
         layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
-        spec = AdapterSpec(
-            "lora", rt.dims(), rank=args.rank, alpha=args.alpha,
-            targets=tuple(x.strip() for x in args.targets.split(",") if x.strip()), layers=layers, train=args.train,
-        )
+        if args.kind == "control":  # llama.cpp has no control-vector slot for layer 0
+            spec = AdapterSpec("control", rt.dims(), layers=layers or tuple(range(1, rt.n_layer)))
+        else:
+            spec = AdapterSpec(
+                "lora", rt.dims(), rank=args.rank, alpha=args.alpha,
+                targets=tuple(x.strip() for x in args.targets.split(",") if x.strip()), layers=layers,
+                train=args.train,
+            )
         cfg = TrainConfig(
             steps=args.steps or 1, batch_size=args.batch_size, seed=args.seed, lr=args.lr, eps=args.eps,
             momentum=args.momentum, warmup=args.warmup, decay=args.decay, q=args.q,
@@ -167,16 +173,27 @@ def cmd_train(args: argparse.Namespace) -> int:
 def cmd_eval(args: argparse.Namespace) -> int:
     import llama_cpp
 
-    from edge.adapter import check_adapter_fits, infer_spec, read_adapter_gguf
+    from edge.adapter import (
+        ControlAdapter,
+        adapter_kind,
+        check_adapter_fits,
+        infer_spec,
+        read_adapter_gguf,
+        read_control_gguf,
+    )
     from edge.data import DataError
     from edge.runtime import RuntimeErrorEZ, check_gguf
     from edge.tasks import TaskError
 
     try:
         rt, task = _build(args)
-        handle = None
-        if args.adapter:
-            check_gguf(args.adapter, "adapter")
+        handle = cvec = None
+        if args.adapter and adapter_kind(check_gguf(args.adapter, "adapter")) == "control":
+            spec, tensors, hint = read_control_gguf(args.adapter, rt.dims())
+            if hint and hint != rt.arch:
+                return _fail(f"control vector {args.adapter} is for architecture {hint!r}, model is {rt.arch!r}")
+            cvec = ControlAdapter(rt, spec, tensors)
+        elif args.adapter:
             tensors, alpha, arch = read_adapter_gguf(args.adapter, rt.dims())
             if arch != rt.arch:
                 return _fail(f"adapter {args.adapter} is for architecture {arch!r}, model is {rt.arch!r}")
@@ -193,6 +210,8 @@ def cmd_eval(args: argparse.Namespace) -> int:
         bs = args.batch_size
         result = task.evaluate([data[i : i + bs] for i in range(0, len(data), bs)])
         print(json.dumps(result))
+        if cvec:
+            cvec.close()
         if handle:
             llama_cpp.llama_set_adapters_lora(rt.ctx, None, 0, None)
             llama_cpp.llama_adapter_lora_free(handle)

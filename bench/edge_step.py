@@ -78,6 +78,9 @@ def child_zo(a) -> dict:
         tr.train_step()
         times.append(time.perf_counter() - t)
         rss.append(current_rss_mb())
+        if (i + 1) % 100 == 0:  # progress on stderr (passed through), so a long RSS run can be watched
+            print(f"[zo] step {i + 1}: {statistics.median(times[-100:]):.3f} s/step, RSS {rss[-1]:.1f} MB",
+                  file=sys.stderr, flush=True)
         if i % a.fwd_every == 0:  # interleaved plain forwards: same load conditions as the steps
             t = time.perf_counter()
             task.loss(batch)
@@ -181,10 +184,10 @@ def main() -> None:
     names = ["infer", "zo"] + ([] if a.no_torch else ["torch_mezo", "torch_bp"])
     for name in names:
         cmd = [sys.executable, __file__, "--child", name] + [x for x in sys.argv[1:] if x != "--no-torch"]
-        r = subprocess.run(cmd, capture_output=True, text=True)
+        r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's stderr shows progress
         if r.returncode != 0:
-            res[name] = {"error": r.stderr[-2000:]}
-            print(f"{name} failed:\n{r.stderr[-2000:]}", file=sys.stderr)
+            res[name] = {"error": f"exit status {r.returncode} (its stderr is above)"}
+            print(f"{name} failed with exit status {r.returncode}", file=sys.stderr)
             continue
         res[name] = json.loads(r.stdout.strip().splitlines()[-1])
         print(name, {k: v for k, v in res[name].items() if not k.endswith(("_all_s", "trace_mb"))}, flush=True)

@@ -34,6 +34,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
@@ -51,6 +52,8 @@ from protocol.messages import (
     Auth,
     Bye,
     Error,
+    GuidanceNext,
+    GuidanceRequest,
     Hello,
     Hyper,
     Message,
@@ -97,6 +100,8 @@ class JsonLog:
     """JSON-lines event log: one object per line with ts, event and fields."""
 
     def __init__(self, path: str = "") -> None:
+        if path:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
         self._f = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - lives as long as the daemon
         self._own = bool(path)
 
@@ -152,11 +157,14 @@ class GuideServer:
         self._waiting_changed: asyncio.Event | None = None
         self._round_done: asyncio.Event | None = None
         self._next: cf.Future[Guidance] | None = None  # guidance for round_id + 1 (computed at θ_{round_id})
+        self._next_round = -1  # the round self._next is for
+        self._wire_cache: dict[int, WireGuidance] = {}  # round → its compressed guidance (prefetch + RoundStart)
+        self._prefetch_frames: dict[tuple[int, str], bytes] = {}  # the latest encoded GuidanceNext
         self._pending: list[tuple[Upload, asyncio.Future]] = []
         self._wire_guidance: WireGuidance | None = None  # the open round's guidance as sent
-        self._round_frame: bytes | None = None  # the open round's encoded RoundStart
+        self._round_frames: dict[bool, bytes] = {}  # the open round's RoundStart: {by_ref: frame}
         self.authn = Authenticator(config.tokens)
-        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0}  # the open round's traffic
+        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0}  # the open round's
         self.last_bytes: dict[str, int] = {}  # the last closed round's byte summary
         self._t0 = time.time()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -257,6 +265,7 @@ class GuideServer:
                     g = await self._guidance_result(cur)  # type: ignore[arg-type]
                     await self._open_round(g)
                 self._next = self.guidance.submit(self.theta, self.round_id)
+                self._next_round = self.round_id + 1
                 await self._await_round_end()
                 cur = self._next
                 await self._close_round(cur)
@@ -287,7 +296,7 @@ class GuideServer:
         schedule = Schedule(lr=tc.lr, eps=tc.eps, momentum=tc.momentum, decay=tc.decay,
                             total_steps=(rc.rounds or 0) * tc.local_steps)
         # Compress the guidance once; the plan keeps the DECODED guide: edges and replay use the same bits.
-        wire_g = WireGuidance.from_guide(g.guide, "q8", "q8") if tc.guided else None
+        wire_g = self._wire_for(self.round_id, g) if tc.guided else None
         guide = wire_g.to_guide() if wire_g is not None else None
         lam = tc.lam if (guide is not None and guide.grad is not None) else 0.0
         lam = -1.0 if isinstance(lam, str) else float(lam)
@@ -299,8 +308,8 @@ class GuideServer:
         await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline))
         self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
         self._wire_guidance = wire_g
-        self._round_frame = None
-        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0}
+        self._round_frames = {}
+        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0}
         self.closing = False
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
@@ -310,25 +319,40 @@ class GuideServer:
             if fut is not None and not fut.done():
                 fut.set_result("round")  # _on_round_request sends the cached frame
 
-    def _round_msg(self) -> bytes:
-        """The round's RoundStart as an encoded frame, built once per round (θ and Q are big)."""
-        if self._round_frame is None:
+    def _wire_for(self, round_id: int, g: Guidance) -> WireGuidance:
+        """Round ``round_id``'s guidance compressed once (q8): the same bits go to prefetching clients and into
+        RoundStart, so a prefetched guide_id matches the round's."""
+        if round_id not in self._wire_cache:
+            self._wire_cache[round_id] = WireGuidance.from_guide(g.guide, "q8", "q8")
+            for old in [r for r in self._wire_cache if r < round_id - 1]:
+                del self._wire_cache[old]
+        return self._wire_cache[round_id]
+
+    def _round_wire_guidance(self) -> WireGuidance | None:
+        p = self.plan
+        if self._wire_guidance is None and p.guide is not None:  # resumed round: the decoded guide exactly (fp32)
+            self._wire_guidance = WireGuidance.from_guide(p.guide, "fp32", "fp32")
+        return self._wire_guidance
+
+    def _round_msg(self, by_ref: bool = False) -> bytes:
+        """The round's RoundStart as an encoded frame, built once per round and variant (θ and Q are big).
+        ``by_ref``: the guidance named by id only, for clients that hold it (prefetched)."""
+        if by_ref not in self._round_frames:
             p = self.plan
-            wire_g = self._wire_guidance
-            if wire_g is None and p.guide is not None:  # resumed round: resend the decoded guide exactly (fp32)
-                wire_g = WireGuidance.from_guide(p.guide, "fp32", "fp32")
+            wire_g = self._round_wire_guidance()
             tc = self.cfg.train
             msg = RoundStart(
                 round_id=p.round_id, spec=self.spec, theta=codecs.encode(p.theta, "fp32"),
-                theta_digest=theta_digest(p.theta), guidance=wire_g, lam=p.lam if p.lam >= 0 else "online",
+                theta_digest=theta_digest(p.theta), guidance=None if by_ref else wire_g,
+                guidance_id=wire_g.guide_id if wire_g is not None else "", lam=p.lam if p.lam >= 0 else "online",
                 hyper=Hyper(schedule=p.schedule, q=tc.q, local_steps=p.local_steps, batch_size=tc.batch,
                             first_step=p.first_step),
                 deadline=self.deadline)
-            self._round_frame = encode(msg)
-            g_bytes = 0 if wire_g is None else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)
-            self.log("round_frame", round=p.round_id, bytes=len(self._round_frame), guidance_bytes=g_bytes,
-                     theta_bytes=4 * p.theta.size)
-        return self._round_frame
+            self._round_frames[by_ref] = encode(msg)
+            g_bytes = 0 if wire_g is None or by_ref else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)
+            self.log("round_frame", round=p.round_id, bytes=len(self._round_frames[by_ref]), by_ref=by_ref,
+                     guidance_bytes=g_bytes, theta_bytes=4 * p.theta.size)
+        return self._round_frames[by_ref]
 
     async def _await_round_end(self) -> None:
         if len(self.uploaded) < len(self.selected):
@@ -451,12 +475,39 @@ class GuideServer:
     def _wait_msg(self) -> Status:
         return Status(round_id=self.round_id, phase="wait", d=self.spec.d, extra={"retry_s": 0.0})
 
-    async def _on_round_request(self, client: str) -> Message | bytes:
-        """RoundStart when ``client`` is selected in the open round; else long-poll for the next one."""
+    async def _on_guidance_request(self, msg: GuidanceRequest) -> GuidanceNext | bytes:
+        """Round ``msg.round_id``'s guidance as soon as it is built (long poll), for clients to prefetch while
+        they train; ``ready=False`` when it is not built within the poll window or is not the next round's."""
+        rid = msg.round_id
+        if not self.cfg.train.guided:
+            return GuidanceNext(round_id=rid, ready=True, guidance=None)
+        if self.plan is not None and rid == self.plan.round_id:
+            wire = self._round_wire_guidance()
+        elif rid == self._next_round and self._next is not None:
+            try:
+                g = await asyncio.wait_for(asyncio.shield(asyncio.wrap_future(self._next)),
+                                           self.cfg.server.long_poll_s)
+            except asyncio.TimeoutError:
+                return GuidanceNext(round_id=rid, ready=False)
+            wire = self._wire_for(rid, g)
+        else:
+            return GuidanceNext(round_id=rid, ready=False)
+        key = (rid, wire.guide_id)
+        if key not in self._prefetch_frames:  # encoded once per round: every client gets the same bytes
+            self._prefetch_frames = {key: encode(GuidanceNext(round_id=rid, ready=True, guidance=wire))}
+        frame = self._prefetch_frames[key]
+        self.bytes["prefetches"] += 1
+        self.bytes["down"] += len(frame)
+        return frame
+
+    async def _on_round_request(self, client: str, msg: RoundRequest | None = None) -> Message | bytes:
+        """RoundStart when ``client`` is selected in the open round; else long-poll for the next one.
+        Clients that list the round's guide_id get the RoundStart without the guidance arrays."""
+        held = set(msg.guide_ids) if msg is not None else set()
         if self.finished:
             return Bye(reason="done")
         if self.plan is not None and not self.closing and client in self.selected and client not in self.uploaded:
-            return self._send_round()
+            return self._send_round(held)
         old = self.waiting.pop(client, None)
         if old is not None and not old.done():
             old.set_result("wait")
@@ -471,11 +522,12 @@ class GuideServer:
             if self.waiting.get(client) is fut:
                 del self.waiting[client]
         if res == "round":
-            return self._send_round()
+            return self._send_round(held)
         return Bye(reason="done") if res == "done" else self._wait_msg()
 
-    def _send_round(self) -> bytes:
-        frame = self._round_msg()
+    def _send_round(self, held: set[str] = frozenset()) -> bytes:
+        wire_g = self._round_wire_guidance() if self.plan is not None else None
+        frame = self._round_msg(by_ref=wire_g is not None and wire_g.guide_id in held)
         self.bytes["down"] += len(frame)
         self.bytes["round_starts"] += 1
         return frame
@@ -535,7 +587,9 @@ class GuideServer:
     async def _reply(self, client: str, msg: Message) -> Message | bytes | None:
         """The answer to one authenticated message (None: the client said Bye)."""
         if isinstance(msg, RoundRequest):
-            return await self._on_round_request(client)
+            return await self._on_round_request(client, msg)
+        if isinstance(msg, GuidanceRequest):
+            return await self._on_guidance_request(msg)
         if isinstance(msg, Update):
             return await self._on_update(client, msg)
         if isinstance(msg, StatusRequest):

@@ -5,6 +5,10 @@ Loop (:mod:`protocol` messages): connect + HMAC handshake (:func:`protocol.auth.
 local ZO steps in a worker thread with the *decoded* guidance → persist the ``Update`` frame → send it → on
 ``Ack`` forget it → repeat. ``Status(phase="wait")`` means ask again; ``Bye(reason="done")`` ends the run.
 
+Prefetch: while round t trains, a second connection asks for round t+1's guidance (``GuidanceRequest``, a long
+poll the guide answers once it has built it); the next ``RoundRequest`` lists the guide ids held, and the guide
+then sends a RoundStart that names the guidance instead of carrying Q and g_B again.
+
 Robustness: reconnects with exponential backoff (jittered with an explicit RNG); an upload is written to
 ``state_dir/pending.bin`` before it is sent and removed after its ack, so a client restarted after a crash
 re-sends it (the guide acks duplicates idempotently); a restarted client that was selected for the open
@@ -29,13 +33,15 @@ import numpy as np
 from edge.zo import ZOConfig, step_seeds, zo_measure
 from protocol.auth import client_handshake
 from protocol.codecs import EncodedArray
-from protocol.constants import DEFAULT_MAX_FRAME
+from protocol.constants import DEFAULT_MAX_FRAME, MAX_GUIDE_IDS
 from protocol.errors import AuthError, ProtocolError
 from protocol.framing import read_frame, write_frame
 from protocol.messages import (
     Ack,
     Bye,
     Error,
+    GuidanceNext,
+    GuidanceRequest,
     LossStats,
     Message,
     RoundRequest,
@@ -68,6 +74,7 @@ class ClientConfig:
     max_reconnects: int = 0  # consecutive failed attempts before giving up; 0: never give up
     io_timeout_s: float = 120.0
     max_frame_mb: float = 256.0
+    prefetch: bool = True  # fetch the next round's guidance on a second connection while training
 
     def __post_init__(self) -> None:
         if not self.client_id or not self.token:
@@ -215,6 +222,7 @@ class EdgeClient:
         self.summary = ClientSummary()
         self.done = False
         self.theta: np.ndarray | None = None  # θ of the last round trained (after local steps)
+        self._prefetch_task: asyncio.Task | None = None
 
     # ---- persistence ------------------------------------------------------------------------------
     @property
@@ -261,9 +269,11 @@ class EdgeClient:
             finally:
                 if conn is not None:
                     conn.close()
+        if self._prefetch_task is not None:
+            self._prefetch_task.cancel()
         return self.summary
 
-    async def _connect(self) -> _Conn:
+    async def _connect(self, quiet: bool = False) -> _Conn:
         c = self.cfg
         r, w = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.io_timeout_s)
         conn = _Conn(r, w, c)
@@ -275,7 +285,8 @@ class EdgeClient:
         except BaseException:
             conn.close()
             raise
-        self.log("connected", client=c.client_id, session=welcome.session_id)
+        if not quiet:
+            self.log("connected", client=c.client_id, session=welcome.session_id)
         return conn
 
     async def _session(self, conn: _Conn) -> None:
@@ -290,7 +301,9 @@ class EdgeClient:
                 await write_frame(conn.w, Bye(), timeout=self.cfg.io_timeout_s)
                 return
             digest = theta_digest(self.theta) if self.theta is not None else ""
-            msg = await conn.request(RoundRequest(last_round=self.last_round, theta_digest=digest),
+            await self._await_prefetch()
+            held = list(self.guides)[-MAX_GUIDE_IDS:]
+            msg = await conn.request(RoundRequest(last_round=self.last_round, theta_digest=digest, guide_ids=held),
                                      idle_timeout=self.cfg.io_timeout_s + 60.0)
             if isinstance(msg, Bye):
                 self.done = True
@@ -308,13 +321,53 @@ class EdgeClient:
     def _guide(self, rs: RoundStart) -> Guide | None:
         """The round's decoded guidance (cached by guide_id: decoding a large Q once per guide)."""
         if rs.guidance is None:
-            return None
+            if not rs.guidance_id:
+                return None
+            if rs.guidance_id not in self.guides:
+                raise ProtocolError(f"round {rs.round_id} names guidance {rs.guidance_id!r} this client does not hold")
+            return self.guides[rs.guidance_id]
         gid = rs.guidance.guide_id or rs.guidance.digest()
         if gid not in self.guides:
             self.guides[gid] = rs.guidance.to_guide()
             while len(self.guides) > 2:
                 self.guides.pop(next(iter(self.guides)))
         return self.guides[gid]
+
+    async def _prefetch(self, rid: int) -> None:
+        """Round ``rid``'s guidance over a second connection, decoded into ``self.guides``. Best effort: any
+        failure is logged and the next RoundStart simply carries the guidance."""
+        conn = None
+        try:
+            conn = await self._connect(quiet=True)
+            for _ in range(3):  # the guide long-polls; "not ready" means ask again
+                reply = await conn.request(GuidanceRequest(round_id=rid), idle_timeout=self.cfg.io_timeout_s + 60.0)
+                if not isinstance(reply, GuidanceNext):
+                    raise ProtocolError(f"unexpected reply to GuidanceRequest: {type(reply).__name__}")
+                if reply.ready:
+                    break
+            if reply.ready and reply.guidance is not None:
+                g = reply.guidance
+                gid = g.guide_id or g.digest()
+                if gid not in self.guides:
+                    self.guides[gid] = await asyncio.get_running_loop().run_in_executor(None, g.to_guide)
+                    while len(self.guides) > 2:
+                        self.guides.pop(next(iter(self.guides)))
+                self.log("prefetched", client=self.cfg.client_id, round=rid, guide_id=gid)
+        except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError, AuthRefused) as e:
+            self.log("prefetch_failed", client=self.cfg.client_id, round=rid, error=f"{type(e).__name__}: {e}")
+        finally:
+            if conn is not None:
+                conn.close()
+
+    async def _await_prefetch(self) -> None:
+        """Let a running prefetch finish before asking for the next round (bounded: it is only an optimisation)."""
+        task, self._prefetch_task = self._prefetch_task, None
+        if task is None:
+            return
+        try:
+            await asyncio.wait_for(task, self.cfg.io_timeout_s)
+        except asyncio.TimeoutError:
+            self.log("prefetch_failed", client=self.cfg.client_id, error="timed out")
 
     async def _do_round(self, conn: _Conn, rs: RoundStart) -> None:
         rid, h = rs.round_id, rs.hyper
@@ -324,7 +377,9 @@ class EdgeClient:
         if rs.theta_digest and theta_digest(theta) != rs.theta_digest:
             raise ProtocolError(f"round {rid}: decoded θ does not match the guide's digest")
         guide = self._guide(rs)
-        gid = rs.guidance.guide_id if rs.guidance is not None else ""
+        gid = rs.guidance.guide_id if rs.guidance is not None else rs.guidance_id
+        if self.cfg.prefetch and guide is not None:
+            self._prefetch_task = asyncio.ensure_future(self._prefetch(rid + 1))
         t0 = time.perf_counter()
         res: RoundResult = await asyncio.get_running_loop().run_in_executor(None, lambda: self.trainer.train_round(
             theta=theta, guide=guide, schedule=h.schedule, lam=rs.lam, local_steps=h.local_steps,

@@ -30,6 +30,8 @@ T_ERROR = "error"
 T_BYE = "bye"
 T_STATUS_REQUEST = "status_request"
 T_STATUS = "status"
+T_GUIDANCE_REQUEST = "guidance_request"
+T_GUIDANCE_NEXT = "guidance_next"
 
 # ---- msgpack ext type codes ----------------------------------------------------------------------
 EXT_NDARRAY = 1  # payload: dtype code u8, ndim u8, ndim x uint32 LE dims, raw little-endian bytes
@@ -122,3 +124,4 @@ MAX_SPEC_RANK = 4096
 # String field sizes (characters) for identifiers and free text.
 MAX_ID_LEN = 128
 MAX_TEXT_LEN = 4096
+MAX_GUIDE_IDS = 8  # guidance ids a client may list as held (RoundRequest.guide_ids)

@@ -45,6 +45,7 @@ from protocol.constants import (
     KEY_VERSION,
     LAMBDA_ONLINE,
     MAC_SIZE,
+    MAX_GUIDE_IDS,
     MAX_ID_LEN,
     MAX_SPEC_DIM,
     MAX_SPEC_LAYERS,
@@ -67,6 +68,8 @@ from protocol.constants import (
     T_BYE,
     T_CHALLENGE,
     T_ERROR,
+    T_GUIDANCE_NEXT,
+    T_GUIDANCE_REQUEST,
     T_HELLO,
     T_ROUND_REQUEST,
     T_ROUND_START,
@@ -779,10 +782,31 @@ AuthOk = Welcome
 
 @message(T_ROUND_REQUEST)
 class RoundRequest(Message):
-    """Client → server: ready for a round; I hold θ of ``last_round`` (-1: none) with this digest."""
+    """Client → server: ready for a round; I hold θ of ``last_round`` (-1: none) with this digest, and the
+    decoded guidance of ``guide_ids`` (prefetched with :class:`GuidanceRequest`: the server may then send a
+    RoundStart that names its guidance by id instead of carrying it)."""
 
     last_round: int = wf(IntT(-1, I64 - 1), default=-1)
     theta_digest: str = wf(StrT(MAX_ID_LEN), default="")
+    guide_ids: list[str] = wf(ListT(StrT(MAX_ID_LEN), MAX_GUIDE_IDS), default_factory=list)
+
+
+@message(T_GUIDANCE_REQUEST)
+class GuidanceRequest(Message):
+    """Client → server (usually on a second connection, while it trains): the guidance of round ``round_id``
+    as soon as the guide has built it (long poll)."""
+
+    round_id: int = wf(IntT(0, I64 - 1))
+
+
+@message(T_GUIDANCE_NEXT)
+class GuidanceNext(Message):
+    """Server → client: the guidance round ``round_id`` will use. ``ready`` False: not built yet (ask again);
+    ready with ``guidance`` None: that round runs without guidance."""
+
+    round_id: int = wf(IntT(0, I64 - 1))
+    ready: bool = wf(BoolT(), default=True)
+    guidance: Guidance | None = wf(OptT(NestedT(Guidance)), default=None)
 
 
 @message(T_ROUND_START)
@@ -794,6 +818,8 @@ class RoundStart(Message):
     ``theta_digest``: :func:`theta_digest` of θ_round after reconstruction ("" = unchecked).
     ``guidance``: this round's Q / g_B / α (None: plain MeZO). ``lam``: rectification weight λ ∈ [0, 1] or
     ``"online"`` (the edge estimates λ* per step; needs g_B). ``deadline``: unix time the upload is due.
+    ``guidance_id``: with ``guidance`` None, the round's guidance is the one the client prefetched
+    (:class:`GuidanceNext`) and listed in ``RoundRequest.guide_ids``; with ``guidance`` set, its id.
     """
 
     round_id: int = wf(IntT(0, I64 - 1))
@@ -802,6 +828,7 @@ class RoundStart(Message):
     theta: EncodedArray | ThetaReplay = wf(ThetaT())
     theta_digest: str = wf(StrT(MAX_ID_LEN), default="")
     guidance: Guidance | None = wf(OptT(NestedT(Guidance)), default=None)
+    guidance_id: str = wf(StrT(MAX_ID_LEN), default="")
     lam: float | str = wf(LamT(), default=0.0)
     hyper: Hyper = wf(NestedT(Hyper))
     deadline: float = wf(FloatT(0.0))
@@ -819,7 +846,10 @@ class RoundStart(Message):
                     _check_spans(u.steps, d, f"{path}.theta.round[{r.round_id}]")
         if self.guidance is not None and self.guidance.d != d:
             raise SchemaError(f"{path}.guidance: basis is for d={self.guidance.d}, spec has d={d}")
-        if self.lam != 0.0 and (self.guidance is None or self.guidance.grad is None):
+        if self.guidance is not None and self.guidance_id and self.guidance_id != self.guidance.guide_id:
+            raise SchemaError(f"{path}.guidance_id: {self.guidance_id!r} is not the id of the guidance sent")
+        by_ref = self.guidance is None and bool(self.guidance_id)  # the client holds it (prefetched)
+        if self.lam != 0.0 and not by_ref and (self.guidance is None or self.guidance.grad is None):
             raise SchemaError(f"{path}.lam: λ={self.lam!r} needs guidance with a cloud gradient")
 
 

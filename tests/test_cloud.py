@@ -394,3 +394,77 @@ def test_kill9_daemon_keeps_every_acknowledged_upload(tmp_path):
                                        examples=8 + int(c[1])) for c, s in acked.items()])
     np.testing.assert_array_equal(store.load_theta(1), expected)
     assert rc == 0  # SIGTERM: clean shutdown
+
+
+class _PerRoundGuidance:
+    """A new seeded basis and gradient every round, built in a worker thread after a short delay (as a real
+    guide's backprop would be): the guidance source for prefetch tests."""
+
+    def __init__(self, d: int, delay_s: float = 0.2) -> None:
+        import concurrent.futures as cf
+
+        self.d, self.delay_s, self.builds = d, delay_s, 0
+        self.pool = cf.ThreadPoolExecutor(max_workers=1)
+
+    def _build(self, round_id: int):
+        from cloud.guidance import Guidance
+
+        time.sleep(self.delay_s)
+        self.builds += 1  # every build differs (a real guide's gradients move with θ and the public batch)
+        rng = np.random.default_rng(100 + self.builds)
+        guide = Guide(orthonormal_basis(list(rng.standard_normal((2, self.d)))), 0.5,
+                      (0.1 * rng.standard_normal(self.d)).astype(np.float32))
+        return Guidance(guide=guide, public_loss=1.0, theta_round=round_id)
+
+    def submit(self, theta, round_id):
+        return self.pool.submit(self._build, round_id)
+
+    def close(self) -> None:
+        self.pool.shutdown(wait=True)
+
+
+def _run_guided(tmp_path: Path, prefetch: bool) -> tuple[np.ndarray, list[dict], list[list[str]]]:
+    """2 clients × 3 guided rounds with λ = 0.5; returns θ_3, the guide's round_frame log events, client events."""
+    events: list[list[str]] = [[], []]
+
+    async def main():
+        cfg = GuideConfig(tokens=_tokens(2)).override(
+            server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
+                    "long_poll_s": 2.0, "io_timeout_s": 10.0},
+            rounds={"rounds": 3, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.0},
+            train={"local_steps": 2, "lr": 0.01, "lam": 0.5, "q": 2})
+        srv = GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)), guidance=_PerRoundGuidance(SPEC.d))
+        await srv.start()
+        try:
+            clients = [_client(srv.port, f"c{i}", f"secret-token-{i:04d}", tmp_path, i, prefetch=prefetch)
+                       for i in range(2)]
+            for i, c in enumerate(clients):
+                c.log = lambda ev, _i=i, **f: events[_i].append(ev)
+            await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 60)
+            while not srv.finished:
+                await asyncio.sleep(0.02)
+        finally:
+            await srv.stop()
+
+    asyncio.run(main())
+    import json
+
+    frames = [e for e in map(json.loads, (tmp_path / "guide.jsonl").read_text().splitlines())
+              if e["event"] == "round_frame"]
+    return Store(root=tmp_path / "state").load_theta(3), frames, events
+
+
+def test_prefetched_guidance_shrinks_round_start_and_keeps_replay_exact(tmp_path):
+    # Execute: the same guided run with and without prefetching the next round's guidance
+    theta_pf, frames_pf, events_pf = _run_guided(tmp_path / "prefetch", prefetch=True)
+    theta_no, frames_no, events_no = _run_guided(tmp_path / "plain", prefetch=False)
+    # Assert: identical training, and rounds 1-2 went out without the guidance arrays when prefetched
+    np.testing.assert_array_equal(theta_pf, theta_no)
+    assert all("prefetched" in ev and "prefetch_failed" not in ev for ev in events_pf)
+    assert not any("prefetched" in ev for ev in events_no)
+    by_ref = {f["round"] for f in frames_pf if f["by_ref"]}
+    assert by_ref == {1, 2}
+    full = max(f["bytes"] for f in frames_pf if not f["by_ref"])
+    small = max(f["bytes"] for f in frames_pf if f["by_ref"])
+    assert small < full - 2 * SPEC.d  # Q (d × 2, q8) and g_B (q8) stayed off the round-start path
+    assert not any(f["by_ref"] for f in frames_no)

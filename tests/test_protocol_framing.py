@@ -32,6 +32,11 @@ from protocol.samples import sample_messages
 TOKENS = {"pi-1": A.new_token(), "pi-2": A.new_token()}
 
 
+def _first_round_start(msgs):
+    """The first RoundStart among the samples (a large message with arrays, nested types and λ)."""
+    return next(m for m in msgs if type(m).__name__ == "RoundStart")
+
+
 async def _with_server(handler, client, *, ssl_server=None):
     """Run ``handler(reader, writer)`` as a loopback server and ``client(port)``; return both results."""
     results: dict = {}
@@ -333,7 +338,7 @@ def test_tls_handshake_and_frames(self_signed):
         reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname="localhost")
         assert writer.get_extra_info("ssl_object").version() in ("TLSv1.2", "TLSv1.3")
         welcome = await A.client_handshake(reader, writer, "pi-2", TOKENS["pi-2"], timeout=5)
-        await write_frame(writer, sample_messages(np.random.default_rng(1))[5])
+        await write_frame(writer, _first_round_start(sample_messages(np.random.default_rng(1))))
         ack = await read_frame(reader, timeout=5)
         writer.close()
         return welcome, ack

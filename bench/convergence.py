@@ -66,6 +66,7 @@ class StudyConfig:
     alpha: float = 0.5
     k: int = 4
     lam: float = 0.5
+    precondition: str = "none"  # the cloud's guidance: raw public gradients or Adam-preconditioned ones
     decay: str = "linear"
     local_steps: int = 1
     bp_steps: int = 100
@@ -172,7 +173,8 @@ def run_zo_arm(arm: str, seed: int, gguf: str, cfg: StudyConfig, out: Path) -> d
         scorer = TorchScorer(lora=lora, tokenizer=tok, task=ClassificationTask())
         batches = data["public"].batches(cfg.batch)
         builder = GuidanceBuilder(grad_fn=lambda th, b: scorer.gradient(th, *batches[b]),
-                                  config=GuidanceConfig(k=cfg.k, batches=1, alpha=cfg.alpha),
+                                  config=GuidanceConfig(k=cfg.k, batches=1, alpha=cfg.alpha,
+                                                              precondition=cfg.precondition),
                                   rng=np.random.default_rng(seed), n_batches=len(batches))
 
     theta = tr.theta.copy()
@@ -510,9 +512,11 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
          "## Setup", "",
          f"* Budget: {cfg.budget} edge forward passes per ZO arm (batch {cfg.batch}), all devices together.",
          f"* MeZO / FedKSeed: lr {cfg.mezo_lr}, ε {cfg.mezo_eps}; edgezo: lr {cfg.guided_lr}, ε {cfg.guided_eps},"
-         f" α {cfg.alpha}, k {cfg.k}, λ {cfg.lam}; {cfg.decay} lr decay; {cfg.local_steps} local step(s) per round.",
-         "  These are the settings that were stable for each method in earlier runs (bench/edge_learn.py, the",
-         "  demo), not tuned on this test set.",
+         f" α {cfg.alpha}, k {cfg.k}, λ {cfg.lam}, guidance from {cfg.precondition if cfg.precondition != 'none' else 'raw'}"
+         f" public gradients; {cfg.decay} lr decay; {cfg.local_steps} local step(s) per round.",
+         "  ε, α, k and λ are the settings that were stable in earlier runs (bench/edge_learn.py, the demo). The",
+         "  learning rates of MeZO and edgezo were chosen on the validation split (`--pilot`, table per quant type",
+         "  below: the final θ of a short run at each lr, scored by validation cross-entropy); never on the test set.",
          f"* Torch references: LoRA + AdamW lr {cfg.bp_lr}, {cfg.bp_steps} steps, batch {cfg.batch}, fp32 weights",
          "  dequantized from the same GGUF; their θ is evaluated on the edge runtime like every other arm.",
          "* Guidance is computed synchronously each round here (the daemon pipelines it); its time is in the",
@@ -522,7 +526,22 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
         c = s.get("config", {})
         L += [f"## {quant.upper()} edge", "", f"Arms: {', '.join(NAMES[a] for a in arms)}; {c.get('threads', '?')} "
               f"thread(s) per process; budget {c.get('budget', '?')} edge forward passes; seeds "
-              f"{sorted({sd for a in arms.values() for sd in a['seeds']})}.", ""]
+              f"{sorted({sd for a in arms.values() for sd in a['seeds']})}; lr MeZO/FedKSeed {c.get('mezo_lr', '?')}, "
+              f"edgezo {c.get('guided_lr', '?')}.", ""]
+        if s.get("pilot"):
+            pl = s["pilot"]
+            L += [f"Learning-rate pilot on the validation split ({pl['budget']} forward passes per run):", "",
+                  "| arm | guidance | lr | val accuracy | val cross-entropy | positive rate |",
+                  "|---|---|---|---|---|---|"]
+            if "zero_shot" in pl:
+                z = pl["zero_shot"]
+                L.append(f"| zero-shot | – | – | {100 * z['val_acc']:.1f} | {z['val_ce']:.4f} | "
+                         f"{100 * z['positive_rate']:.0f}% |")
+            L += [f"| {NAMES[r['arm']]} | {r.get('precondition') or ('raw' if r['arm'].startswith('edgezo') else '–')}"
+                  f" | {r['lr']:g} | {100 * r['val_acc']:.1f} | {r['val_ce']:.4f} | "
+                  f"{100 * r['positive_rate']:.0f}% |" for r in sorted(pl["runs"].values(),
+                                                                       key=lambda r: (r["arm"], r["lr"]))]
+            L.append("")
         L += ["| arm | seeds | start raw / cal | final raw / cal | fwd to MeZO final raw / cal"
               " | speed-up raw / cal | train s | bytes/round down (replay / dense θ) | up / client | peak RSS MB |",
               "|---|---|---|---|---|---|---|---|---|---|"]
@@ -585,6 +604,8 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
     summary = summarize(records, rss)
     summary["config"] = dataclasses.asdict(cfg)
     summary["quant"] = args.quant
+    if (out / "pilot.json").exists():
+        summary["pilot"] = json.loads((out / "pilot.json").read_text())
     title = f"SmolLM2-135M {args.quant.upper()} on the edge, Rotten Tomatoes, budget {cfg.budget} forward passes"
     pngs = plot(summary, out, title)
     results_json = Path(args.json) if args.json else out / "results.json"
@@ -616,6 +637,59 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
             text += Path(args.discussion).read_text()
         doc.write_text(text)
         print(f"[study] report: {doc}")
+
+
+# ---- lr selection on the validation split -----------------------------------------------------------
+def pilot(args, cfg: StudyConfig) -> None:
+    """Run each (arm, lr) of ``args.pilot`` at ``cfg.budget``; score the final θ on val only (raw accuracy and
+    mean label cross-entropy); OUT/QUANT/pilot.json keeps every result so an interrupted pilot resumes."""
+    from cloud.model import accuracy
+    from edge.client import llama_margins
+
+    out = Path(args.out) / args.quant
+    out.mkdir(parents=True, exist_ok=True)
+    gguf = edge_gguf(args.quant, Path(args.out))
+    data = study_data(cfg)
+    res_p = out / "pilot.json"
+    res = json.loads(res_p.read_text()) if res_p.exists() else {"budget": cfg.budget, "runs": {}}
+    y = np.array(data["val"].labels)
+
+    def score(c: StudyConfig, theta: np.ndarray | None) -> dict:
+        tr, rt = make_trainer(gguf, data["val"].texts, data["val"].labels, c, seed=0)
+        m = llama_margins(tr, tr.theta.copy() if theta is None else theta, data["val"].texts, c.batch)
+        tr.close()
+        rt.close()
+        ce = float(np.mean(np.logaddexp(0.0, -np.where(y == 1, m, -m))))  # binary CE of the label margin
+        return {"val_acc": accuracy(m, data["val"].labels), "val_ce": ce, "positive_rate": float(np.mean(m > 0))}
+
+    if "zero_shot" not in res:  # the reference every lr must beat (B = 0: the adapter is a no-op)
+        res["zero_shot"] = score(cfg, None)
+    for item in args.pilot.split(";"):
+        arm, lrs = item.split("=")
+        for lr in [float(x) for x in lrs.split(",")]:
+            key = f"{arm}@{lr:g}" + ("+adam" if arm.startswith("edgezo") and cfg.precondition == "adam" else "")
+            if key in res["runs"]:
+                continue
+            c = dataclasses.replace(cfg, **({"guided_lr": lr} if arm.startswith("edgezo") else {"mezo_lr": lr}))
+            sub = out / "pilot" / key
+            sub.mkdir(parents=True, exist_ok=True)
+            t = time.perf_counter()
+            rec = run_zo_arm(arm, 0, gguf, c, sub)
+            (sub / f"{arm}-s0.json").write_text(json.dumps(rec, indent=1))
+            with np.load(sub / f"{arm}-s0-theta.npz") as z:
+                th = z[str(rec["units"])]
+            res["runs"][key] = {"arm": arm, "lr": lr, "precondition": c.precondition if arm.startswith("edgezo")
+                                else "", **score(c, th), "seconds": round(time.perf_counter() - t)}
+            print(f"[pilot] {key}: val acc {res['runs'][key]['val_acc']:.3f}, CE {res['runs'][key]['val_ce']:.4f}",
+                  flush=True)
+            tmp = res_p.with_suffix(".tmp")
+            tmp.write_text(json.dumps(res, indent=1))
+            os.replace(tmp, res_p)
+    print(f"[pilot] zero-shot: val CE {res['zero_shot']['val_ce']:.4f}, acc {res['zero_shot']['val_acc']:.3f}")
+    for arm in sorted({r["arm"] for r in res["runs"].values()}):
+        best = min((r for r in res["runs"].values() if r["arm"] == arm), key=lambda r: r["val_ce"])
+        print(f"[pilot] {arm}: best lr {best['lr']:g} {best.get('precondition', '')} (val CE {best['val_ce']:.4f},"
+              f" acc {best['val_acc']:.3f})")
 
 
 # ---- driver ------------------------------------------------------------------------------------------
@@ -664,6 +738,13 @@ def main() -> None:
     ap.add_argument("--budget", type=int, default=StudyConfig.budget, help="edge forward passes per arm")
     ap.add_argument("--bp-steps", type=int, default=StudyConfig.bp_steps)
     ap.add_argument("--threads", type=int, default=StudyConfig.threads)
+    ap.add_argument("--mezo-lr", type=float, default=StudyConfig.mezo_lr, help="lr of the MeZO and FedKSeed arms")
+    ap.add_argument("--guided-lr", type=float, default=StudyConfig.guided_lr, help="lr of the edgezo arms")
+    ap.add_argument("--precondition", default=StudyConfig.precondition, choices=["none", "adam"],
+                    help="guidance from raw public gradients or Adam-preconditioned ones (cloud.guidance)")
+    ap.add_argument("--pilot", default=None, metavar="ARM=LR,LR,...;ARM=...",
+                    help="select lrs on the VALIDATION split: run each arm at each lr (at --budget), score the final "
+                         "θ on val, write OUT/QUANT/pilot.json; the test set is not touched")
     ap.add_argument("--json", default=None, help="write all results here (default OUT/QUANT/results.json)")
     ap.add_argument("--results", default=None, help="write the Markdown report here (e.g. docs/RESULTS.md)")
     ap.add_argument("--discussion", default=None, help="Markdown appended to the report (hand-written reading)")
@@ -673,7 +754,11 @@ def main() -> None:
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
-    cfg = StudyConfig(budget=args.budget, bp_steps=args.bp_steps, threads=args.threads)
+    cfg = StudyConfig(budget=args.budget, bp_steps=args.bp_steps, threads=args.threads, mezo_lr=args.mezo_lr,
+                      guided_lr=args.guided_lr, precondition=args.precondition)
+    if args.pilot:
+        pilot(args, cfg)
+        return
     if args.phase != "driver":
         child(args, cfg)
         return
@@ -685,7 +770,8 @@ def main() -> None:
     if unknown:
         raise SystemExit(f"unknown arms {sorted(unknown)}; known: {ZO_ARMS + TORCH_ARMS}")
     base = [sys.executable, __file__, "--out", args.out, "--quant", args.quant, "--budget", str(args.budget),
-            "--bp-steps", str(args.bp_steps), "--threads", str(args.threads)]
+            "--bp-steps", str(args.bp_steps), "--threads", str(args.threads), "--mezo-lr", str(args.mezo_lr),
+            "--guided-lr", str(args.guided_lr), "--precondition", args.precondition]
     jobs = [(a, int(s)) for s in args.seeds.split(",") for a in arms]
     for arm, seed in jobs:
         if (out / f"{arm}-s{seed}.json").exists():

@@ -93,7 +93,8 @@ def build_server(cfg, *, dims: str | None = None):
         spec, theta0, guidance, _ = build_cloud(
             model_path=m.path, device=m.device, rank=m.rank, alpha=m.alpha, targets=m.targets, layers=m.layers,
             train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
-            guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha), rng=rng)
+            guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha,
+                                          precondition=tc.precondition), rng=rng)
     else:
         if not dims:
             raise ValueError("no model configured: give [model] path or --dims for a model-free guide")

@@ -97,6 +97,7 @@ class TrainConfig:
     alpha: float = 0.5  # Guided-ES mixing (1 = plain MeZO)
     k: int = 4  # guide basis size (last k cloud gradients)
     guide_batches: int = 2  # public mini-batches per round
+    precondition: str = "none"  # "adam": guidance from Adam-preconditioned public gradients (cloud.guidance)
     guided: bool = True
 
     def __post_init__(self) -> None:
@@ -111,6 +112,8 @@ class TrainConfig:
             raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
         if self.lr < 0 or self.eps <= 0:
             raise ValueError("need lr >= 0 and eps > 0")
+        if self.precondition not in ("none", "adam"):
+            raise ValueError(f"precondition must be 'none' or 'adam', got {self.precondition!r}")
 
 
 @dataclass(frozen=True)

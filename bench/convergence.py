@@ -516,7 +516,7 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
          f" public gradients; {cfg.decay} lr decay; {cfg.local_steps} local step(s) per round.",
          "  ε, α, k and λ are the settings that were stable in earlier runs (bench/edge_learn.py, the demo). The",
          "  learning rates of MeZO and edgezo were chosen on the validation split (`--pilot`, table per quant type",
-         "  below: the final θ of a short run at each lr, scored by validation cross-entropy); never on the test set.",
+         "  below: the final θ of a short run at each lr, picked by validation accuracy); never on the test set.",
          f"* Torch references: LoRA + AdamW lr {cfg.bp_lr}, {cfg.bp_steps} steps, batch {cfg.batch}, fp32 weights",
          "  dequantized from the same GGUF; their θ is evaluated on the edge runtime like every other arm.",
          "* Guidance is computed synchronously each round here (the daemon pipelines it); its time is in the",
@@ -642,7 +642,10 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
 # ---- lr selection on the validation split -----------------------------------------------------------
 def pilot(args, cfg: StudyConfig) -> None:
     """Run each (arm, lr) of ``args.pilot`` at ``cfg.budget``; score the final θ on val only (raw accuracy and
-    mean label cross-entropy); OUT/QUANT/pilot.json keeps every result so an interrupted pilot resumes."""
+    mean label cross-entropy); OUT/QUANT/pilot.json keeps every result so an interrupted pilot resumes.
+
+    The pick is by validation accuracy (the study's metric), ties by cross-entropy: cross-entropy alone can
+    favour a θ that has collapsed to one label with near-zero margins (CE → ln 2, accuracy → 50%)."""
     from cloud.model import accuracy
     from edge.client import llama_margins
 
@@ -687,7 +690,7 @@ def pilot(args, cfg: StudyConfig) -> None:
             os.replace(tmp, res_p)
     print(f"[pilot] zero-shot: val CE {res['zero_shot']['val_ce']:.4f}, acc {res['zero_shot']['val_acc']:.3f}")
     for arm in sorted({r["arm"] for r in res["runs"].values()}):
-        best = min((r for r in res["runs"].values() if r["arm"] == arm), key=lambda r: r["val_ce"])
+        best = max((r for r in res["runs"].values() if r["arm"] == arm), key=lambda r: (r["val_acc"], -r["val_ce"]))
         print(f"[pilot] {arm}: best lr {best['lr']:g} {best.get('precondition', '')} (val CE {best['val_ce']:.4f},"
               f" acc {best['val_acc']:.3f})")
 

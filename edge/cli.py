@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import sys
 
 # (module, function) pairs that add subcommands to the parser: the CLI as a table.
@@ -56,12 +57,18 @@ class MissingExtra(RuntimeError):
 
 
 def require_cloud() -> None:
-    """Raise MissingExtra with the install hint when torch/transformers are absent."""
-    try:
-        import torch  # noqa: F401
-        import transformers  # noqa: F401
-    except ModuleNotFoundError as e:
-        raise MissingExtra(f"this command needs the cloud extra ({e.name} is missing): pip install 'edgezo[cloud]'") from e
+    """Raise MissingExtra with the install hint when torch/transformers are absent.
+
+    Probes with ``find_spec`` so the edge never imports torch, not even to check for it (importing it costs
+    seconds and hundreds of MB on a Pi, and the cloud command imports it itself).
+    """
+    for name in ("torch", "transformers"):
+        try:
+            found = importlib.util.find_spec(name) is not None
+        except (ModuleNotFoundError, ValueError):  # a blocking finder, or a module set to None
+            found = False
+        if not found:
+            raise MissingExtra(f"this command needs the cloud extra ({name} is missing): pip install 'edgezo[cloud]'")
 
 
 if __name__ == "__main__":

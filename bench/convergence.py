@@ -57,16 +57,16 @@ class StudyConfig:
     public_chars: int = 256  # public reviews cut to this (backprop cost grows with length)
     val_n: int = 128
     test_n: int = 320
-    # ZO hyper-parameters: the settings that were stable in earlier runs of each method (bench/edge_learn.py
-    # for MeZO; the demo for guided+rectified); NOT tuned on this study's test set.
+    # ZO hyper-parameters: ε/α/k/λ as stable in earlier runs; the two lrs are the picks of the validation pilot
+    # (--pilot, docs/RESULTS.md); NOT tuned on this study's test set.
     mezo_lr: float = 3e-3
     mezo_eps: float = 1e-2
-    guided_lr: float = 0.03
+    guided_lr: float = 1.0
     guided_eps: float = 1e-3
     alpha: float = 0.5
     k: int = 4
     lam: float = 0.5
-    precondition: str = "none"  # the cloud's guidance: raw public gradients or Adam-preconditioned ones
+    precondition: str = "adam"  # the cloud's guidance: raw public gradients or Adam-preconditioned ones
     decay: str = "linear"
     local_steps: int = 1
     bp_steps: int = 100

@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import os
-import resource
 import subprocess
 import sys
 import time
@@ -38,6 +37,8 @@ import numpy as np
 
 # bench/ holds scripts named like our packages (convert.py): keep it off sys.path
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != Path(__file__).resolve().parent]
+
+from edge.train import peak_rss_mb  # noqa: E402  (VmHWM: per process image, not inherited from the driver)
 
 ZO_ARMS = ("mezo", "fedkseed", "edgezo", "edgezo_split")
 TORCH_ARMS = ("backprop", "cloud_only")
@@ -100,10 +101,6 @@ def eval_points(budget: int, per_unit: int, units: int) -> list[int]:
     for m in marks:
         pts.add(min(units, max(1, round(m / per_unit))))
     return sorted(pts)
-
-
-def peak_rss_mb() -> float:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
 
 
 # ---- edge arms (llama.cpp) ----------------------------------------------------------------------------

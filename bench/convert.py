@@ -4,7 +4,7 @@
 
 Without --hf, the HF folder is first made from the packaged SmolLM2 Q4_1 GGUF (``convert.gguf_to_hf``; that
 step is timed too). Every conversion runs in a fresh child process, which reports its own wall time and
-peak RSS (``resource.getrusage(RUSAGE_SELF).ru_maxrss``), so one measurement never inflates the next.
+peak RSS (VmHWM, ``edge.train.peak_rss_mb``), so one measurement never inflates the next.
 """
 
 from __future__ import annotations
@@ -14,7 +14,6 @@ import importlib.util
 import json
 import os
 import platform
-import resource
 import subprocess
 import sys
 import tempfile
@@ -42,8 +41,9 @@ def child(kind: str, src: str, dst: str, qtype: str) -> None:
         hf_to_gguf(Path(src), Path(dst), qtype)
         size = Path(dst).stat().st_size
     seconds = time.perf_counter() - t0
-    peak_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux
-    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mib": round(peak_kib / 1024, 1), "bytes": size}))
+    from edge.train import peak_rss_mb
+
+    print(json.dumps({"seconds": round(seconds, 2), "peak_rss_mib": round(peak_rss_mb(), 1), "bytes": size}))
 
 
 def measure(kind: str, src: Path, dst: Path, qtype: str = "") -> dict:

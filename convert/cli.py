@@ -10,7 +10,7 @@ import argparse
 import sys
 from pathlib import Path
 
-TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k")
+TYPES = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q4_k_m", "q5_k_m", "q6_k", "iq4_nl")
 
 
 def register(subparsers: argparse._SubParsersAction) -> None:

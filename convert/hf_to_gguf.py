@@ -122,7 +122,7 @@ def _write(src: Path, tmp: Path, out_type: str) -> None:
 def hf_to_gguf(src: Path, dst: Path, out_type: str = "f32") -> Path:
     """Convert an HF folder (config.json, model.safetensors, tokenizer.json) to a GGUF file at ``dst``.
 
-    out_type: f32, f16, bf16, or a llama.cpp quantization (q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k; an F32
+    out_type: f32, f16, bf16, or a llama.cpp quantization (q8_0, q4_0, q4_1, q4_k_m, q5_k_m, q6_k, iq4_nl; an F32
     GGUF is written to a temp file and quantized by llama.cpp). Raises ConvertError; never leaves a partial dst.
     """
     src, dst = Path(src), Path(dst)

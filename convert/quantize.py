@@ -22,6 +22,7 @@ QUANT_TYPES: dict[str, int] = {
     "q4_k_m": 15,  # LLAMA_FTYPE_MOSTLY_Q4_K_M
     "q5_k_m": 17,  # LLAMA_FTYPE_MOSTLY_Q5_K_M
     "q6_k": 18,  # LLAMA_FTYPE_MOSTLY_Q6_K
+    "iq4_nl": 25,  # LLAMA_FTYPE_MOSTLY_IQ4_NL (4.5 bits, non-linear levels; no imatrix needed)
 }
 
 

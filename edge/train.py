@@ -29,8 +29,19 @@ CKPT_VERSION = 1
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (Linux ru_maxrss is KiB)."""
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """Peak resident set size of this process in MiB.
+
+    Reads VmHWM (the high-water mark of this process image) where Linux has it: ``ru_maxrss`` is carried across
+    fork + exec, so a child started by a 900 MB parent would report 900 MB however little it used itself.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0  # KiB on Linux, bytes on macOS
 
 
 @dataclass(frozen=True)

@@ -122,3 +122,18 @@ def test_cli_errors_are_clear(tiny_llama_gguf, reviews, tmp_path):
     r = _cli("train", "--model", tiny_llama_gguf, "--data", reviews, "--steps", 2, "--out", tmp_path / "x.gguf",
              "--resume", "--threads", 1, "--label-words", "fresh=positive,rotten=negative", check=False)
     assert r.returncode == 2 and "no checkpoint" in r.stderr
+
+
+def test_peak_rss_of_a_child_is_its_own() -> None:
+    """A child of a big parent reports its own peak, not the parent's (ru_maxrss is inherited across exec)."""
+    # Prepare: this process touches 400 MiB, so its high-water mark is far above a bare interpreter's
+    ballast = bytearray(400 * 2**20)
+    ballast[:: 4096] = b"\x01" * len(ballast[:: 4096])
+    code = "from edge.train import peak_rss_mb; print(peak_rss_mb())"
+
+    # Execute
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+
+    # Assert: the child (numpy + llama_cpp imported) stays far below the parent's 400 MiB
+    assert float(out) < 250.0
+    del ballast

@@ -30,6 +30,7 @@ import argparse
 import dataclasses
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -638,8 +639,6 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
     for line in targets(summary):
         print("[study]", line)
     if args.results:
-        import shutil
-
         doc = Path(args.results)
         doc.parent.mkdir(parents=True, exist_ok=True)
         summaries = {args.quant: summary}
@@ -700,6 +699,8 @@ def pilot(args, cfg: StudyConfig) -> None:
             c = dataclasses.replace(cfg, **({"guided_lr": lr} if arm.startswith("edgezo") else {"mezo_lr": lr}))
             sub = out / "pilot" / key
             sub.mkdir(parents=True, exist_ok=True)
+            if arm in WARM_ARMS and (out / "cloud_only-s0-theta.npz").exists():  # the θ a warm arm starts from
+                shutil.copyfile(out / "cloud_only-s0-theta.npz", sub / "cloud_only-s0-theta.npz")
             t = time.perf_counter()
             rec = run_zo_arm(arm, 0, gguf, c, sub)
             (sub / f"{arm}-s0.json").write_text(json.dumps(rec, indent=1))

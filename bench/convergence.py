@@ -132,14 +132,15 @@ def encode_row(task, text: str, label: int):
     return task.encode(Row(text, "pos" if label else "neg"))
 
 
-def run_zo_arm(arm: str, seed: int, gguf: str, cfg: StudyConfig, out: Path) -> dict:
-    """One ZO arm; returns its record (snapshots saved to ``out``)."""
+def run_zo_arm(arm: str, seed: int, gguf: str, cfg: StudyConfig, out: Path, *, warm_from: Path | None = None) -> dict:
+    """One ZO arm; returns its record (snapshots saved to ``out``). A warm arm starts from the cloud-only θ in
+    ``warm_from`` (default ``out``)."""
     from cloud.aggregate import RoundPlan, Upload, aggregate
     from protocol.messages import Guidance as WireGuidance
 
     data = study_data(cfg)
     kind = arm.removesuffix("_warm")  # a warm arm runs like its cold twin, from the cloud's θ
-    theta0 = warm_start(out, seed, cfg) if arm in WARM_ARMS else None
+    theta0 = warm_start(warm_from or out, seed, cfg) if arm in WARM_ARMS else None
     guided = arm.startswith("edgezo")
     split_sched = arm == "edgezo_split"
     lr, eps = (cfg.guided_lr, cfg.guided_eps) if guided else (cfg.mezo_lr, cfg.mezo_eps)
@@ -699,10 +700,8 @@ def pilot(args, cfg: StudyConfig) -> None:
             c = dataclasses.replace(cfg, **({"guided_lr": lr} if arm.startswith("edgezo") else {"mezo_lr": lr}))
             sub = out / "pilot" / key
             sub.mkdir(parents=True, exist_ok=True)
-            if arm in WARM_ARMS and (out / "cloud_only-s0-theta.npz").exists():  # the θ a warm arm starts from
-                shutil.copyfile(out / "cloud_only-s0-theta.npz", sub / "cloud_only-s0-theta.npz")
             t = time.perf_counter()
-            rec = run_zo_arm(arm, 0, gguf, c, sub)
+            rec = run_zo_arm(arm, 0, gguf, c, sub, warm_from=out)  # warm arms start from OUT's cloud θ
             (sub / f"{arm}-s0.json").write_text(json.dumps(rec, indent=1))
             with np.load(sub / f"{arm}-s0-theta.npz") as z:
                 th = z[str(rec["units"])]

@@ -66,11 +66,12 @@ class StudyConfig:
     # (--pilot, docs/RESULTS.md); NOT tuned on this study's test set.
     mezo_lr: float = 3e-3
     mezo_eps: float = 1e-2
+    fedkseed_lr: float | None = None  # None: MeZO's lr (the federated average makes it 1/clients per pass)
     guided_lr: float = 1.0
     guided_eps: float = 1e-3
     alpha: float = 0.5
     k: int = 4
-    lam: float = 0.5
+    lam: float | str = 0.5  # a fixed λ, or "online": the edge estimates λ* per step (DESIGN.md, rectification)
     precondition: str = "adam"  # the cloud's guidance: raw public gradients or Adam-preconditioned ones
     decay: str = "linear"
     local_steps: int = 1
@@ -144,6 +145,8 @@ def run_zo_arm(arm: str, seed: int, gguf: str, cfg: StudyConfig, out: Path, *, w
     guided = arm.startswith("edgezo")
     split_sched = arm == "edgezo_split"
     lr, eps = (cfg.guided_lr, cfg.guided_eps) if guided else (cfg.mezo_lr, cfg.mezo_eps)
+    if kind == "fedkseed" and cfg.fedkseed_lr is not None:
+        lr = cfg.fedkseed_lr
     fwd_per_step = 2 * (3 if split_sched else 1)  # split: P1 = 1 block-1 and P1·P2 = 2 block-2 perturbations
     n_dev = 1 if kind == "mezo" else cfg.clients
     per_unit = fwd_per_step * cfg.local_steps * n_dev  # forwards per step (mezo) or per round
@@ -223,10 +226,14 @@ def run_zo_arm(arm: str, seed: int, gguf: str, cfg: StudyConfig, out: Path, *, w
                              first_step=r * cfg.local_steps)
             bytes_log.append(round_bytes(plan, uploads, wire, spec, prev_round, cfg))
             prev_round = (plan, uploads, wire)
+            theta_prev = theta
             theta = aggregate(plan, uploads)  # the cloud's exact replay of every client's steps
-            entry = {"unit": u, "loss": float(np.nanmean(losses))}
+            # step and cloud-gradient norms: how far a round moves θ, next to the cloud term's own size
+            entry = {"unit": u, "loss": float(np.nanmean(losses)),
+                     "step_norm": float(np.linalg.norm(theta.astype(np.float64) - theta_prev))}
             if guided:
                 entry["public_loss"] = g.public_loss
+                entry["g_b_norm"] = float(np.linalg.norm(guide.grad.astype(np.float64)))
             log.append(entry)
         if u in points:
             snaps[u] = theta.copy()
@@ -527,7 +534,7 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
          "  disjoint from the shards, the same for every arm; all arms are evaluated on the edge runtime.", "",
          "## Setup", "",
          f"* Budget: {cfg.budget} edge forward passes per ZO arm (batch {cfg.batch}), all devices together.",
-         f"* MeZO / FedKSeed: lr {cfg.mezo_lr}, ε {cfg.mezo_eps}; edgezo: lr {cfg.guided_lr}, ε {cfg.guided_eps},"
+         f"* MeZO / FedKSeed: lr {cfg.mezo_lr} / {cfg.fedkseed_lr or cfg.mezo_lr}, ε {cfg.mezo_eps}; edgezo: lr {cfg.guided_lr}, ε {cfg.guided_eps},"
          f" α {cfg.alpha}, k {cfg.k}, λ {cfg.lam}, guidance from {cfg.precondition if cfg.precondition != 'none' else 'raw'}"
          f" public gradients; {cfg.decay} lr decay; {cfg.local_steps} local step(s) per round.",
          "  ε, α, k and λ are the settings that were stable in earlier runs (bench/edge_learn.py, the demo). The",
@@ -545,21 +552,22 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
         c = s.get("config", {})
         L += [f"## {quant.upper()} edge", "", f"Arms: {', '.join(NAMES[a] for a in arms)}; {c.get('threads', '?')} "
               f"thread(s) per process; budget {c.get('budget', '?')} edge forward passes; seeds "
-              f"{sorted({sd for a in arms.values() for sd in a['seeds']})}; lr MeZO/FedKSeed {c.get('mezo_lr', '?')}, "
-              f"edgezo {c.get('guided_lr', '?')}.", ""]
+              f"{sorted({sd for a in arms.values() for sd in a['seeds']})}; lr MeZO {c.get('mezo_lr', '?')}, FedKSeed "
+              f"{c.get('fedkseed_lr') or c.get('mezo_lr', '?')}, edgezo {c.get('guided_lr', '?')}; edgezo λ "
+              f"{c.get('lam', '?')}; {c.get('local_steps', 1)} local step(s) per round.", ""]
         if s.get("pilot"):
             pl = s["pilot"]
             L += [f"Learning-rate pilot on the validation split ({pl['budget']} forward passes per run):", "",
-                  "| arm | guidance | lr | val accuracy | val cross-entropy | positive rate |",
-                  "|---|---|---|---|---|---|"]
+                  "| arm | guidance | λ | τ | lr | val accuracy | val cross-entropy | positive rate |",
+                  "|---|---|---|---|---|---|---|---|"]
             if "zero_shot" in pl:
                 z = pl["zero_shot"]
-                L.append(f"| zero-shot | – | – | {100 * z['val_acc']:.1f} | {z['val_ce']:.4f} | "
+                L.append(f"| zero-shot | – | – | – | – | {100 * z['val_acc']:.1f} | {z['val_ce']:.4f} | "
                          f"{100 * z['positive_rate']:.0f}% |")
             L += [f"| {NAMES[r['arm']]} | {r.get('precondition') or ('raw' if r['arm'].startswith('edgezo') else '–')}"
-                  f" | {r['lr']:g} | {100 * r['val_acc']:.1f} | {r['val_ce']:.4f} | "
+                  f" | {r.get('lam', '–')} | {r.get('local_steps', 1)} | {r['lr']:g} | {100 * r['val_acc']:.1f} | {r['val_ce']:.4f} | "
                   f"{100 * r['positive_rate']:.0f}% |" for r in sorted(pl["runs"].values(),
-                                                                       key=lambda r: (r["arm"], r["lr"]))]
+                                                                       key=lambda r: (r["arm"], str(r.get("lam")), r.get("local_steps", 1), r["lr"]))]
             L.append("")
         L += ["| arm | seeds | start raw / cal | final raw / cal | fwd to MeZO final raw / cal"
               " | speed-up raw / cal | train s | bytes/round down (replay / dense θ) | up / client | peak RSS MB |",
@@ -664,6 +672,17 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
 
 
 # ---- lr selection on the validation split -----------------------------------------------------------
+def variant_suffix(arm: str, cfg: StudyConfig) -> str:
+    """Pilot-key suffix naming the settings that differ between pilot runs of one arm (guidance, λ, τ)."""
+    suffix = ""
+    if arm.startswith("edgezo"):
+        suffix += "+adam" if cfg.precondition == "adam" else ""
+        suffix += "" if cfg.lam == StudyConfig.lam else f"+lam={cfg.lam}"
+    if arm != "mezo" and cfg.local_steps != StudyConfig.local_steps:
+        suffix += f"+tau={cfg.local_steps}"
+    return suffix
+
+
 def pilot(args, cfg: StudyConfig) -> None:
     """Run each (arm, lr) of ``args.pilot`` at ``cfg.budget``; score the final θ on val only (raw accuracy and
     mean label cross-entropy); OUT/QUANT/pilot.json keeps every result so an interrupted pilot resumes.
@@ -694,10 +713,11 @@ def pilot(args, cfg: StudyConfig) -> None:
     for item in args.pilot.split(";"):
         arm, lrs = item.split("=")
         for lr in [float(x) for x in lrs.split(",")]:
-            key = f"{arm}@{lr:g}" + ("+adam" if arm.startswith("edgezo") and cfg.precondition == "adam" else "")
+            key = f"{arm}@{lr:g}" + variant_suffix(arm, cfg)
             if key in res["runs"]:
                 continue
-            c = dataclasses.replace(cfg, **({"guided_lr": lr} if arm.startswith("edgezo") else {"mezo_lr": lr}))
+            field = {"edgezo": "guided_lr", "fedkseed": "fedkseed_lr"}.get(arm.split("_")[0], "mezo_lr")
+            c = dataclasses.replace(cfg, **{field: lr})
             sub = out / "pilot" / key
             sub.mkdir(parents=True, exist_ok=True)
             t = time.perf_counter()
@@ -705,21 +725,41 @@ def pilot(args, cfg: StudyConfig) -> None:
             (sub / f"{arm}-s0.json").write_text(json.dumps(rec, indent=1))
             with np.load(sub / f"{arm}-s0-theta.npz") as z:
                 th = z[str(rec["units"])]
-            res["runs"][key] = {"arm": arm, "lr": lr, "precondition": c.precondition if arm.startswith("edgezo")
-                                else "", **score(c, th), "seconds": round(time.perf_counter() - t)}
+            guided = arm.startswith("edgezo")
+            res["runs"][key] = {"arm": arm, "lr": lr, "precondition": c.precondition if guided else "",
+                                "lam": c.lam if guided else 0.0, "local_steps": c.local_steps if arm != "mezo" else 1,
+                                **score(c, th), "seconds": round(time.perf_counter() - t)}
             print(f"[pilot] {key}: val acc {res['runs'][key]['val_acc']:.3f}, CE {res['runs'][key]['val_ce']:.4f}",
                   flush=True)
             tmp = res_p.with_suffix(".tmp")
             tmp.write_text(json.dumps(res, indent=1))
             os.replace(tmp, res_p)
     print(f"[pilot] zero-shot: val CE {res['zero_shot']['val_ce']:.4f}, acc {res['zero_shot']['val_acc']:.3f}")
-    for arm in sorted({r["arm"] for r in res["runs"].values()}):
-        best = max((r for r in res["runs"].values() if r["arm"] == arm), key=lambda r: (r["val_acc"], -r["val_ce"]))
-        print(f"[pilot] {arm}: best lr {best['lr']:g} {best.get('precondition', '')} (val CE {best['val_ce']:.4f},"
-              f" acc {best['val_acc']:.3f})")
+    groups: dict[str, list[dict]] = {}  # one group per arm and variant (guidance, λ, τ); the pick is per group
+    for key, r in res["runs"].items():
+        arm, rest = key.split("@", 1)
+        groups.setdefault(arm + rest.partition("+")[1] + rest.partition("+")[2], []).append(r)
+    for name in sorted(groups):
+        best = max(groups[name], key=lambda r: (r["val_acc"], -r["val_ce"]))
+        print(f"[pilot] {name}: best lr {best['lr']:g} (val CE {best['val_ce']:.4f}, acc {best['val_acc']:.3f})")
+    overall = max(res["runs"].items(), key=lambda kv: (kv[1]["val_acc"], -kv[1]["val_ce"]))
+    print(f"[pilot] best of all: {overall[0]} (val acc {overall[1]['val_acc']:.3f})")
 
 
 # ---- driver ------------------------------------------------------------------------------------------
+def lam_arg(text: str) -> float | str:
+    """--lam: a number in [0, 1] or 'online'."""
+    if text == "online":
+        return text
+    try:
+        lam = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"λ must be a number in [0, 1] or 'online', got {text!r}") from None
+    if not 0.0 <= lam <= 1.0:
+        raise argparse.ArgumentTypeError(f"λ must be in [0, 1], got {lam}")
+    return lam
+
+
 def edge_gguf(quant: str, cache: Path) -> str:
     """The edge model: the packaged Q4_1 as is, or converted (GGUF → HF fp32 → quant) once into ``cache``."""
     from cloud.demo import smollm2_path
@@ -767,6 +807,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=StudyConfig.threads)
     ap.add_argument("--mezo-lr", type=float, default=StudyConfig.mezo_lr, help="lr of the MeZO and FedKSeed arms")
     ap.add_argument("--guided-lr", type=float, default=StudyConfig.guided_lr, help="lr of the edgezo arms")
+    ap.add_argument("--fedkseed-lr", type=float, default=None, help="lr of the FedKSeed arm (default: --mezo-lr)")
+    ap.add_argument("--lam", type=lam_arg, default=StudyConfig.lam,
+                    help="edgezo's rectification weight λ in [0, 1], or 'online' (λ* estimated per step)")
+    ap.add_argument("--local-steps", type=int, default=StudyConfig.local_steps,
+                    help="local ZO steps per client per round (federated arms)")
     ap.add_argument("--precondition", default=StudyConfig.precondition, choices=["none", "adam"],
                     help="guidance from raw public gradients or Adam-preconditioned ones (cloud.guidance)")
     ap.add_argument("--pilot", default=None, metavar="ARM=LR,LR,...;ARM=...",
@@ -782,7 +827,8 @@ def main() -> None:
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
     args = ap.parse_args()
     cfg = StudyConfig(budget=args.budget, bp_steps=args.bp_steps, threads=args.threads, mezo_lr=args.mezo_lr,
-                      guided_lr=args.guided_lr, precondition=args.precondition)
+                      guided_lr=args.guided_lr, precondition=args.precondition, fedkseed_lr=args.fedkseed_lr,
+                      lam=args.lam, local_steps=args.local_steps)
     if args.pilot:
         pilot(args, cfg)
         return
@@ -799,7 +845,10 @@ def main() -> None:
     arms.sort(key=lambda a: a in WARM_ARMS)  # warm arms start from cloud_only's θ: run them last
     base = [sys.executable, __file__, "--out", args.out, "--quant", args.quant, "--budget", str(args.budget),
             "--bp-steps", str(args.bp_steps), "--threads", str(args.threads), "--mezo-lr", str(args.mezo_lr),
-            "--guided-lr", str(args.guided_lr), "--precondition", args.precondition]
+            "--guided-lr", str(args.guided_lr), "--precondition", args.precondition, "--lam", str(args.lam),
+            "--local-steps", str(args.local_steps)]
+    if args.fedkseed_lr is not None:
+        base += ["--fedkseed-lr", str(args.fedkseed_lr)]
     jobs = [(a, int(s)) for s in args.seeds.split(",") for a in arms]
     for arm, seed in jobs:
         if (out / f"{arm}-s{seed}.json").exists():

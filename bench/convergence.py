@@ -822,6 +822,9 @@ def main() -> None:
     ap.add_argument("--discussion", default=None, help="Markdown appended to the report (hand-written reading)")
     ap.add_argument("--extra", action="append", default=[], metavar="OUT/QUANT",
                     help="another finished study folder to include in the report (e.g. the q4_1 run)")
+    ap.add_argument("--report-only", action="store_true",
+                    help="run nothing: report every finished <arm>-s<seed>.json in OUT/QUANT of the listed arms (e.g. when "
+                         "some arms have more seeds than others)")
     ap.add_argument("--phase", default="driver", choices=["driver", "arm", "edge-rss"], help=argparse.SUPPRESS)
     ap.add_argument("--arm", default=None, help=argparse.SUPPRESS)
     ap.add_argument("--seed", type=int, default=0, help=argparse.SUPPRESS)
@@ -850,6 +853,11 @@ def main() -> None:
     if args.fedkseed_lr is not None:
         base += ["--fedkseed-lr", str(args.fedkseed_lr)]
     jobs = [(a, int(s)) for s in args.seeds.split(",") for a in arms]
+    if args.report_only:
+        jobs = sorted({(a, int(p.stem.split("-s")[-1])) for a in arms for p in out.glob(f"{a}-s*.json")
+                       if p.stem.split("-s")[-1].isdigit()}, key=lambda j: (j[1], arms.index(j[0])))
+        if not jobs:
+            raise SystemExit(f"--report-only: no finished arm of {arms} in {out}")
     for arm, seed in jobs:
         if (out / f"{arm}-s{seed}.json").exists():
             print(f"[study] {arm} seed {seed}: done earlier, kept", flush=True)

@@ -659,8 +659,10 @@ def report(records: list[dict], rss: dict, cfg: StudyConfig, args, out: Path) ->
             images[prev["quant"]] = []
         for quant in summaries:
             src_dir = out if quant == args.quant else Path(next(e for e in args.extra if Path(e).name == quant))
+            # a report other than RESULTS.md gets its own image names, so it never overwrites another report's plots
+            prefix = "" if doc.stem == "RESULTS" else f"{doc.stem.lower()}_"
             for p in ("convergence_fwd.png", "convergence_time.png"):
-                dst = doc.parent / f"{quant}_{p}"
+                dst = doc.parent / f"{prefix}{quant}_{p}"
                 shutil.copyfile(src_dir / p, dst)
                 images[quant].append(dst.name)
         text = markdown(summaries, cfg, images)

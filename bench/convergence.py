@@ -538,7 +538,8 @@ def markdown(summaries: dict[str, dict], cfg: StudyConfig, images: dict[str, lis
          f" α {cfg.alpha}, k {cfg.k}, λ {cfg.lam}, guidance from {cfg.precondition if cfg.precondition != 'none' else 'raw'}"
          f" public gradients; {cfg.decay} lr decay; {cfg.local_steps} local step(s) per round.",
          "  ε, α, k and λ are the settings that were stable in earlier runs (bench/edge_learn.py, the demo). The",
-         "  learning rates of MeZO and edgezo were chosen on the validation split (`--pilot`, table per quant type",
+         f"  learning rates of MeZO{', FedKSeed' if cfg.fedkseed_lr is not None else ''} and edgezo were chosen on the"
+         " validation split (`--pilot`, table per quant type",
          "  below: the final θ of a short run at each lr, picked by validation accuracy); never on the test set.",
          f"* Torch references: LoRA + AdamW lr {cfg.bp_lr}, {cfg.bp_steps} steps, batch {cfg.batch}, fp32 weights",
          "  dequantized from the same GGUF; their θ is evaluated on the edge runtime like every other arm.",

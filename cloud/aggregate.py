@@ -27,6 +27,8 @@ class RoundPlan:
     lam: float
     local_steps: int
     first_step: int = 0  # global step index of this round's first local step (schedule position)
+    # θ_{t+1} = θ + edge_weight·Σ w_i Δ_i (cloud.engine.merge); 1 is plain federated averaging of the edges.
+    edge_weight: float = 1.0
 
 
 @dataclass
@@ -88,7 +90,7 @@ def weights(uploads: Sequence[Upload]) -> np.ndarray:
 
 
 def aggregate(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
-    """θ_{t+1} = θ_t + Σ w_i Δ_i over the accepted uploads (θ_t itself when there are none).
+    """θ_{t+1} = θ_t + edge_weight·Σ w_i Δ_i over the accepted uploads (θ_t itself when there are none).
 
     Uploads are combined in client-name order so the result does not depend on arrival order.
     """
@@ -99,5 +101,5 @@ def aggregate(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
     acc = np.zeros(theta.shape, np.float64)
     for w, up in zip(weights(ups), ups, strict=False):
         acc += w * client_delta(plan, up)
-    return (theta.astype(np.float64) + acc).astype(np.float32)
+    return (theta.astype(np.float64) + plan.edge_weight * acc).astype(np.float32)
 

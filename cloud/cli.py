@@ -69,6 +69,15 @@ def _config_from_args(args: argparse.Namespace):
     )
 
 
+def lead_config(cfg):
+    """cloud.lead.LeadConfig from guide.toml's [cloud] section and [train] k (one place maps the two)."""
+    from cloud.lead import LeadConfig
+
+    c = cfg.cloud
+    return LeadConfig(warm_steps=c.warm_steps, round_steps=c.round_steps, lr=c.lr, batch=c.batch, prox=c.prox,
+                      k=cfg.train.k, trajectory=c.trajectory)
+
+
 def build_server(cfg, *, dims: str | None = None):
     """A GuideServer for a config: torch guidance when a model is set, else static guidance on ``dims``."""
     import numpy as np
@@ -90,11 +99,20 @@ def build_server(cfg, *, dims: str | None = None):
 
         torch.manual_seed(cfg.data.seed)
         public = split(load_rotten_tomatoes(), {"public": cfg.data.public_n}, rng)["public"]
-        spec, theta0, guidance, _ = build_cloud(
+        spec, theta0, guidance, scorer = build_cloud(
             model_path=m.path, device=m.device, rank=m.rank, alpha=m.alpha, targets=m.targets, layers=m.layers,
             train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
             guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha,
                                           precondition=tc.precondition), rng=rng)
+        if tc.subspace:  # round v2: the cloud leads (warm start, resumable) and sends a subspace each round
+            from pathlib import Path
+
+            from cloud.lead import CloudLead
+
+            guidance.close()
+            guidance = CloudLead(scorer=scorer, public=public, config=lead_config(cfg), rng=rng,
+                                 state_dir=Path(cfg.server.state_dir) / "cloud")
+            theta0 = guidance.warm_start(theta0)
     else:
         if not dims:
             raise ValueError("no model configured: give [model] path or --dims for a model-free guide")
@@ -102,7 +120,8 @@ def build_server(cfg, *, dims: str | None = None):
         spec = AdapterSpec(kind="lora", dims=ModelDims(nl, h, i, nh, nkv), rank=m.rank, alpha=m.alpha,
                            targets=m.targets, layers=m.layers, train=m.train)
         theta0 = spec.flatten(spec.init(m.init_seed))
-        guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng)
+        guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng,
+                                  kind=tc.kind if tc.subspace else "guided")
     return GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
 
 

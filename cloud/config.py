@@ -17,9 +17,12 @@ Example ``guide.toml``::
     deadline_s = 300
 
     [train]
-    local_steps = 10
-    lr = 0.03
-    lam = 0.5
+    kind = "subspace"      # the edge searches θ = θ_t + U·c (round v2); "guided" = Guided-ES + λ·g_B
+    k = 16
+    local_steps = 25
+
+    [cloud]
+    warm_steps = 40        # the cloud leads: AdamW on public data before round 0
 
     [model]
     path = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -82,27 +85,51 @@ class RoundConfig:
             raise ValueError("deadline_s must be positive and join_window_s >= 0")
 
 
+# The learning rate and ε of each guidance kind, defined once. "subspace": Adam over c ∈ R^k, ε on c
+# (‖ε·U·u‖ ≈ ε√k: 0.1 at k = 16 is a radius of 0.4, the order of MeZO's at ε = 1e-3; research/guidance.md).
+# "guided": Guided-ES + rectification over all of θ (the first round design; docs/RESULTS_rerun.md).
+KIND_DEFAULTS: dict[str, dict[str, float]] = {
+    "subspace": {"lr": 0.05, "eps": 0.1},
+    "guided": {"lr": 0.03, "eps": 1e-3},
+}
+
+
 @dataclass(frozen=True)
 class TrainConfig:
-    """What the edges are told: local steps, schedule, perturbations per step q, batch, λ, guide α/k."""
+    """What the edges are told: guidance kind, local steps, schedule, perturbations per step q, batch, λ, k.
 
+    ``kind`` "subspace" (round v2, default): the edge runs SPSA on c with θ = θ_t + U·c, U the cloud's
+    k-dimensional basis. "guided": Guided-ES directions (α, k) rectified by the cloud gradient (λ).
+    ``lr``/``eps`` left unset take :data:`KIND_DEFAULTS` of the kind. ``edge_weight``: the merge's weight on the
+    edges' averaged progress (cloud.engine.merge).
+    """
+
+    kind: str = "subspace"
     local_steps: int = 5
-    lr: float = 0.03
-    eps: float = 1e-3
+    lr: float | None = None
+    eps: float | None = None
     momentum: float = 0.0
     decay: str = "constant"
-    lam: float | str = 0.5  # fixed λ in [0, 1], or "online": each edge step uses λ* (protocol.zo.online_lambda)
+    lam: float | str = 0.5  # guided only: fixed λ in [0, 1], or "online" (protocol.zo.online_lambda)
     q: int = 2
     batch: int = 8
-    alpha: float = 0.5  # Guided-ES mixing (1 = plain MeZO)
-    k: int = 4  # guide basis size (last k cloud gradients)
-    guide_batches: int = 2  # public mini-batches per round
-    precondition: str = "none"  # "adam": guidance from Adam-preconditioned public gradients (cloud.guidance)
-    guided: bool = True
+    alpha: float = 0.5  # guided only: Guided-ES mixing (1 = plain MeZO)
+    k: int = 16  # basis size: subspace 4-128; guided: last k cloud gradients
+    guide_batches: int = 2  # guided only: public mini-batches per round
+    precondition: str = "none"  # guided only: "adam" preconditions the public gradients (cloud.guidance)
+    guided: bool = True  # False: no guidance at all (plain federated MeZO)
+    edge_weight: float = 1.0
 
     def __post_init__(self) -> None:
+        if self.kind not in KIND_DEFAULTS:
+            raise ValueError(f"kind must be one of {sorted(KIND_DEFAULTS)}, got {self.kind!r}")
+        for name, value in KIND_DEFAULTS[self.kind].items():
+            if getattr(self, name) is None:
+                object.__setattr__(self, name, value)
         if self.local_steps < 1 or self.q < 1 or self.batch < 1 or self.k < 1 or self.guide_batches < 1:
             raise ValueError("local_steps, q, batch, k and guide_batches must be >= 1")
+        if self.kind == "subspace" and not 4 <= self.k <= 128:
+            raise ValueError(f"a subspace guide needs 4 <= k <= 128, got {self.k}")
         if isinstance(self.lam, str):
             if self.lam != "online":
                 raise ValueError(f"lam must be a number in [0, 1] or 'online', got {self.lam!r}")
@@ -114,6 +141,35 @@ class TrainConfig:
             raise ValueError("need lr >= 0 and eps > 0")
         if self.precondition not in ("none", "adam"):
             raise ValueError(f"precondition must be 'none' or 'adam', got {self.precondition!r}")
+        if not 0.0 <= self.edge_weight <= 4.0:
+            raise ValueError(f"edge_weight must be in [0, 4], got {self.edge_weight}")
+
+    @property
+    def subspace(self) -> bool:
+        return self.guided and self.kind == "subspace"
+
+
+@dataclass(frozen=True)
+class CloudConfig:
+    """What the cloud does with its public data (round v2, "the cloud leads"; cloud.lead.LeadConfig).
+
+    ``warm_steps`` AdamW steps before round 0 (checkpointed in the state dir, resumable); ``round_steps`` more
+    from θ_t each round, with the proximal weight ``prox`` toward θ_t; the subspace holds ``trajectory`` cloud
+    trajectory directions and k − trajectory public gradients at the round's θ.
+    """
+
+    warm_steps: int = 40
+    round_steps: int = 0
+    lr: float = 1e-3
+    batch: int = 16
+    prox: float = 0.0
+    trajectory: int = 1
+
+    def __post_init__(self) -> None:
+        if self.warm_steps < 0 or self.round_steps < 0 or self.batch < 1 or self.trajectory < 0:
+            raise ValueError("warm_steps, round_steps, trajectory must be >= 0 and batch >= 1")
+        if self.lr <= 0 or self.prox < 0:
+            raise ValueError("need lr > 0 and prox >= 0")
 
 
 @dataclass(frozen=True)
@@ -155,6 +211,7 @@ class GuideConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
+    cloud: CloudConfig = field(default_factory=CloudConfig)
     tokens: dict[str, str] = field(default_factory=dict)  # client id → shared secret
 
     def __post_init__(self) -> None:
@@ -167,7 +224,7 @@ class GuideConfig:
         """From a TOML-shaped mapping; unknown keys are errors (typos must not pass silently)."""
         parts: dict[str, Any] = {}
         for name, typ in (("server", ServerConfig), ("rounds", RoundConfig), ("train", TrainConfig),
-                          ("model", ModelConfig), ("data", DataConfig)):
+                          ("model", ModelConfig), ("data", DataConfig), ("cloud", CloudConfig)):
             sect = dict(d.get(name, {}))
             known = {f.name for f in dataclasses.fields(typ)}
             bad = set(sect) - known
@@ -176,7 +233,7 @@ class GuideConfig:
             parts[name] = typ(**sect)
         clients = dict(d.get("clients", {}))
         tokens = {str(k): str(v) for k, v in dict(clients.get("tokens", {})).items()}
-        bad = set(d) - {"server", "rounds", "train", "model", "data", "clients"}
+        bad = set(d) - {"server", "rounds", "train", "model", "data", "cloud", "clients"}
         if bad:
             raise ValueError(f"unknown sections {sorted(bad)}")
         return cls(tokens=tokens, **parts)
@@ -196,5 +253,7 @@ class GuideConfig:
                 kw["tokens"] = {**self.tokens, **changes}
                 continue
             changes = {k: v for k, v in changes.items() if v is not None}
+            if name == "train" and "kind" in changes:  # a new kind brings its own lr/ε unless given too
+                changes = {"lr": None, "eps": None, **changes}
             kw[name] = dataclasses.replace(getattr(self, name), **changes)
         return dataclasses.replace(self, **kw)

@@ -39,8 +39,9 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validate_upload
+from cloud.aggregate import RoundPlan, Upload, UploadRefused, validate_upload
 from cloud.config import GuideConfig
+from cloud.engine import compress_guidance, merge, plan_round
 from cloud.guidance import Guidance
 from cloud.store import Store
 from protocol import codecs
@@ -82,9 +83,9 @@ class GuidanceSource(Protocol):
 class StaticGuidance:
     """A fixed seeded random basis, no cloud gradient: for load tests and model-free daemons."""
 
-    def __init__(self, *, d: int, k: int, alpha: float, rng: np.random.Generator) -> None:
+    def __init__(self, *, d: int, k: int, alpha: float, rng: np.random.Generator, kind: str = "guided") -> None:
         basis = orthonormal_basis(list(rng.standard_normal((k, d)).astype(np.float32)))
-        self.guide = Guide(basis=basis, alpha=alpha, grad=None)
+        self.guide = Guide(basis=basis, alpha=alpha, grad=None, kind=kind)
 
     def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]:
         fut: cf.Future[Guidance] = cf.Future()
@@ -260,14 +261,20 @@ class GuideServer:
                 cur = self.guidance.submit(self.theta, self.round_id)
             else:
                 cur = None
+            # A pipelined source builds round t+1's guidance at θ_t while round t runs; one that leads (cloud
+            # steps, a subspace at θ_{t+1}) needs the merge first, so it is asked after each round closes.
+            pipelined = getattr(self.guidance, "pipelined", True)
             while rc.rounds == 0 or self.round_id < rc.rounds:
                 if self.plan is None:
-                    g = await self._guidance_result(cur)  # type: ignore[arg-type]
+                    if cur is None:
+                        cur = self.guidance.submit(self.theta, self.round_id)
+                    g = await self._guidance_result(cur)
                     await self._open_round(g)
-                self._next = self.guidance.submit(self.theta, self.round_id)
-                self._next_round = self.round_id + 1
+                if pipelined:
+                    self._next = self.guidance.submit(self.theta, self.round_id)
+                    self._next_round = self.round_id + 1
                 await self._await_round_end()
-                cur = self._next
+                cur = self._next if pipelined else None
                 await self._close_round(cur)
             self.finished = True
             self.log("finished", rounds=self.round_id)
@@ -293,17 +300,13 @@ class GuideServer:
         rng = np.random.default_rng([rc.sample_seed, self.round_id])
         n = min(rc.max_clients, len(pool))
         selected = sorted(str(c) for c in rng.choice(pool, size=n, replace=False))
-        schedule = Schedule(lr=tc.lr, eps=tc.eps, momentum=tc.momentum, decay=tc.decay,
-                            total_steps=(rc.rounds or 0) * tc.local_steps)
         # Compress the guidance once; the plan keeps the DECODED guide: edges and replay use the same bits.
         wire_g = self._wire_for(self.round_id, g) if tc.guided else None
         guide = wire_g.to_guide() if wire_g is not None else None
-        lam = tc.lam if (guide is not None and guide.grad is not None) else 0.0
-        lam = -1.0 if isinstance(lam, str) else float(lam)
-        basis_id = wire_g.guide_id if wire_g is not None else ""
-        plan = RoundPlan(round_id=self.round_id, basis_id=basis_id, theta=self.theta.copy(), guide=guide,
-                         schedule=schedule, lam=lam, local_steps=tc.local_steps,
-                         first_step=self.round_id * tc.local_steps)
+        plan = plan_round(round_id=self.round_id, theta=self.theta, guidance=g, guide=guide,
+                          basis_id=wire_g.guide_id if wire_g is not None else "", train=tc,
+                          total_rounds=rc.rounds or 0)
+        basis_id = plan.basis_id
         deadline = time.time() + rc.deadline_s
         await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline))
         self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
@@ -313,7 +316,8 @@ class GuideServer:
         self.closing = False
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
-                 basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss)
+                 basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss, kind=tc.kind if tc.guided else "none",
+                 cloud_step_norm=float(np.linalg.norm(plan.theta - self.theta)), **({"cloud": g.info} if g.info else {}))
         for c in selected:
             fut = self.waiting.pop(c, None)
             if fut is not None and not fut.done():
@@ -323,7 +327,7 @@ class GuideServer:
         """Round ``round_id``'s guidance compressed once (q8): the same bits go to prefetching clients and into
         RoundStart, so a prefetched guide_id matches the round's."""
         if round_id not in self._wire_cache:
-            self._wire_cache[round_id] = WireGuidance.from_guide(g.guide, "q8", "q8")
+            self._wire_cache[round_id] = compress_guidance(g.guide)[0]
             for old in [r for r in self._wire_cache if r < round_id - 1]:
                 del self._wire_cache[old]
         return self._wire_cache[round_id]
@@ -367,17 +371,19 @@ class GuideServer:
         while self._pending or self._flushing:
             await asyncio.sleep(0.005)
 
-    async def _close_round(self, nxt: cf.Future[Guidance]) -> None:
+    async def _close_round(self, nxt: cf.Future[Guidance] | None) -> None:
         self.closing = True
         await self._barrier()
         plan = self.plan
         uploads = await self._db(self.store.uploads, plan.round_id)
         loop = asyncio.get_running_loop()
-        theta_next = await loop.run_in_executor(None, aggregate, plan, uploads)
-        g_next = await self._guidance_result(nxt)  # its loss is the public loss at θ_t
+        theta_next = await loop.run_in_executor(None, merge, plan, uploads)
+        pub = None
+        if nxt is not None:
+            g_next = await self._guidance_result(nxt)  # its loss is the public loss at θ_t
+            pub = g_next.public_loss if math.isfinite(g_next.public_loss) else None
         losses = [u.loss_after for u in uploads if math.isfinite(u.loss_after)]
         client_loss = float(np.mean(losses)) if losses else None
-        pub = g_next.public_loss if math.isfinite(g_next.public_loss) else None
         await self._db(lambda: self.store.close_round(plan.round_id, theta_next, n_uploads=len(uploads),
                                                       public_loss=pub, client_loss=client_loss))
         self.log("round_closed", round=plan.round_id, uploads=len(uploads), selected=len(self.selected),

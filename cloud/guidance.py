@@ -11,7 +11,7 @@ import collections
 import concurrent.futures as cf
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 
@@ -49,11 +49,18 @@ class GuidanceConfig:
 
 @dataclass(frozen=True)
 class Guidance:
-    """One round's guidance plus the public loss measured while building it."""
+    """One round's guidance plus the public loss measured while building it.
+
+    ``theta``: where the round starts when the cloud leads (round v2): θ_t after the cloud's own AdamW steps on
+    public data this round; None means the round starts from θ_t itself. ``info``: what the cloud did (for the
+    round log: steps taken, public loss before/after, subspace composition).
+    """
 
     guide: Guide
     public_loss: float
     theta_round: int  # the round whose θ the gradients were taken at
+    theta: np.ndarray | None = None
+    info: dict = field(default_factory=dict)
 
 
 class AdamPreconditioner:

@@ -122,7 +122,8 @@ class Store:
             if g.grad is not None:
                 arrays["grad"] = g.grad
         meta = {
-            "alpha": None if g is None else g.alpha, "lam": plan.lam, "local_steps": plan.local_steps,
+            "alpha": None if g is None else g.alpha, "kind": None if g is None else g.kind,
+            "edge_weight": plan.edge_weight, "lam": plan.lam, "local_steps": plan.local_steps,
             "first_step": plan.first_step, "schedule": plan.schedule.__dict__, "basis_id": plan.basis_id,
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
@@ -138,10 +139,12 @@ class Store:
             meta = json.loads(bytes(z["meta"]).decode())
             guide = None
             if meta["alpha"] is not None:
-                guide = Guide(basis=z["basis"], alpha=meta["alpha"], grad=z["grad"] if "grad" in z else None)
+                guide = Guide(basis=z["basis"], alpha=meta["alpha"], grad=z["grad"] if "grad" in z else None,
+                              kind=meta.get("kind", "guided"))
             return RoundPlan(round_id=round_id, basis_id=meta["basis_id"], theta=np.array(z["theta"], np.float32),
                              guide=guide, schedule=Schedule(**meta["schedule"]), lam=float(meta["lam"]),
-                             local_steps=int(meta["local_steps"]), first_step=int(meta["first_step"]))
+                             local_steps=int(meta["local_steps"]), first_step=int(meta["first_step"]),
+                             edge_weight=float(meta.get("edge_weight", 1.0)))
 
     def open_round_row(self) -> dict | None:
         row = self.db.execute(

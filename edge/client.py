@@ -52,7 +52,7 @@ from protocol.messages import (
     encode,
     theta_digest,
 )
-from protocol.zo import Guide, Schedule, StepRecord, apply_step
+from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
 
 
 class AuthRefused(RuntimeError):
@@ -136,13 +136,18 @@ class FunctionTrainer:
         q = int(hyper.get("q", self.q))
         th = np.array(theta, np.float32, copy=True)
         vel = np.zeros_like(th) if schedule.momentum else None
+        sub = SubspaceState(th, guide) if guide is not None and guide.subspace else None
         steps, losses = [], []
         for i in range(local_steps):
             t = first_step + i
             seeds = step_seeds(self.seed, t, q)
             rec, info = zo_measure(lambda x, t=t: self.loss_fn(x, t), th, schedule.eps_at(t), seeds,
-                                   ZOConfig(q=q, lam=lam), guide)
-            apply_step(th, vel, rec, t, schedule, guide)
+                                   ZOConfig(q=q, lam=0.0 if sub is not None else lam), guide)
+            if sub is not None:
+                sub.apply(rec, t, schedule)
+                th = sub.theta()
+            else:
+                apply_step(th, vel, rec, t, schedule, guide)
             steps.append(rec)
             losses.append(info.loss)
         return RoundResult(steps=steps, examples=local_steps * self.examples_per_step,
@@ -160,11 +165,7 @@ class EdgeTrainerAdapter:
     def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
                     local_steps: int, first_step: int, hyper: dict) -> RoundResult:
         tr = self.trainer
-        tr.theta[...] = np.asarray(theta, np.float32)
-        tr.schedule = schedule
-        tr.velocity = np.zeros_like(tr.theta) if schedule.momentum else None
-        tr.step = first_step
-        tr.adapter.write(tr.theta)
+        tr.begin_round(theta, schedule, first_step)
         losses: list[float] = []
         steps = []
         for _ in range(local_steps):

@@ -23,7 +23,7 @@ from edge.runtime import Runtime
 from edge.tasks import Encoded
 from edge.zo import StepInfo, ZOConfig, step_seeds, zo_measure
 from protocol.spec import AdapterSpec
-from protocol.zo import Guide, Schedule, StepRecord, apply_step
+from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
 
 CKPT_VERSION = 1
 
@@ -98,6 +98,7 @@ class Trainer:
         self.zo_cfg = ZOConfig(q=cfg.q, split=split, p1=cfg.p1, p2=cfg.p2, lam=cfg.lam)
         self.adapter = make_adapter(rt, spec, tensors)
         self.rejected = 0
+        self.subspace: SubspaceState | None = None  # c-space state of the current subspace round
 
     def _trainable(self, name: str) -> bool:
         return any(i.gguf_name == name and i.trainable for i in self.spec.tensors)
@@ -117,26 +118,46 @@ class Trainer:
         t = self.step
         batch = self.batch(t)
         cfg = self.zo_cfg if lam is None else ZOConfig(self.zo_cfg.q, self.zo_cfg.split, self.zo_cfg.p1, self.zo_cfg.p2, lam)
+        sub = guide is not None and guide.subspace
+        if sub:
+            if cfg.split is not None:
+                raise ValueError("a subspace round cannot use the split schedule (split_layer): use kind 'guided'")
+            cfg = ZOConfig(q=cfg.q)  # λ plays no part in a subspace step
+            if self.subspace is None or self.subspace.guide is not guide:
+                self.subspace = SubspaceState(self.theta, guide)
         n_seeds = cfg.q if cfg.split is None else cfg.p1 * (1 + cfg.p2)
         seeds = step_seeds(self.cfg.seed, t, n_seeds)
         record, info = zo_measure(lambda th: self.loss_at(th, batch), self.theta, self.schedule.eps_at(t), seeds, cfg, guide)
         self.rejected += info.rejected
-        apply_step(self.theta, self.velocity, record, t, self.schedule, guide)
+        if sub:
+            # ε·U·u moves θ along the subspace: L± measured at θ ± ε U u = θ_t + U(c ± ε u).
+            self.subspace.apply(record, t, self.schedule)
+            self.theta[...] = self.subspace.theta()
+        else:
+            apply_step(self.theta, self.velocity, record, t, self.schedule, guide)
         self.adapter.write(self.theta)
         self.step += 1
         return record, info
 
     def set_theta(self, theta: np.ndarray, step: int | None = None) -> None:
-        """Adopt θ from the cloud (start of a federated round): momentum restarts at zero, as in replay."""
+        """Adopt θ from the cloud (start of a federated round): momentum and c-space state restart at zero,
+        as in replay."""
         theta = np.asarray(theta, np.float32)
         if theta.shape != self.theta.shape:
             raise ValueError(f"θ has shape {theta.shape}, adapter expects {self.theta.shape}")
         self.theta[...] = theta
         if self.velocity is not None:
             self.velocity[...] = 0.0
+        self.subspace = None
         if step is not None:
             self.step = int(step)
         self.adapter.write(self.theta)
+
+    def begin_round(self, theta: np.ndarray, schedule: Schedule, first_step: int) -> None:
+        """Start a federated round: θ_t, the round's schedule and its global step index (what replay uses)."""
+        self.schedule = schedule
+        self.velocity = np.zeros_like(self.theta) if schedule.momentum else None
+        self.set_theta(theta, first_step)
 
     # ---- evaluation / output ------------------------------------------------------------------------
     def evaluate(self, data: list[Encoded], batch_size: int | None = None) -> dict:

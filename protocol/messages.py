@@ -92,7 +92,7 @@ from protocol.errors import (
     error_for_code,
 )
 from protocol.spec import KINDS, LORA_TARGETS, TRAIN_MODES, AdapterSpec
-from protocol.zo import Group, Guide, Schedule, StepRecord, replay
+from protocol.zo import GUIDE_KINDS, Group, Guide, Schedule, StepRecord, replay
 
 I64 = 1 << 63
 U64 = 1 << 64
@@ -574,6 +574,7 @@ class Guidance:
     grad: EncodedArray | None = wf(OptT(EncT(1)), default=None)
     alpha: float = wf(FloatT(0.0, 1.0, open_lo=True), default=0.5)
     guide_id: str = wf(StrT(MAX_ID_LEN), default="")
+    kind: str = wf(StrT(16, choices=GUIDE_KINDS), default="guided")  # "subspace": θ = θ_t + Q·c (round v2)
 
     def check(self, path: str) -> None:
         d, k = self.basis.shape
@@ -589,7 +590,7 @@ class Guidance:
     def to_guide(self) -> Guide:
         """The :class:`~protocol.zo.Guide` both sides use (decoded, float32)."""
         grad = None if self.grad is None else self.grad.decode().astype(np.float32)
-        return Guide(self.basis.decode().astype(np.float32), self.alpha, grad)
+        return Guide(self.basis.decode().astype(np.float32), self.alpha, grad, self.kind)
 
     @classmethod
     def from_guide(cls, guide: Guide, basis_codec: str | CodecConfig = "q8",
@@ -597,16 +598,17 @@ class Guidance:
         """Compress a Guide and stamp the digest of what the receiver will decode."""
         basis = encode_array(guide.basis, basis_codec)
         grad = None if guide.grad is None else encode_array(guide.grad, grad_codec)
-        g = cls(basis=basis, grad=grad, alpha=float(guide.alpha))
+        g = cls(basis=basis, grad=grad, alpha=float(guide.alpha), kind=guide.kind)
         g.guide_id = g.digest()
         return g
 
     def digest(self) -> str:
-        """Digest of the decoded basis, gradient and α."""
+        """Digest of the decoded basis, gradient, α and kind."""
         arrays = [self.basis.decode().astype(np.float32)]
         if self.grad is not None:
             arrays.append(self.grad.decode().astype(np.float32))
-        return array_digest(*arrays, extra=struct.pack("<d", self.alpha))
+        extra = struct.pack("<d", self.alpha) + (b"" if self.kind == "guided" else self.kind.encode())
+        return array_digest(*arrays, extra=extra)
 
 
 @dataclass(kw_only=True)

@@ -14,13 +14,24 @@ from dataclasses import dataclass, field
 import numpy as np
 
 
+GUIDE_KINDS = ("guided", "subspace")
+# Adam in c-space (round v2): k numbers of first and second moment, restarted every round on both sides.
+SUBSPACE_BETAS = (0.9, 0.999)
+SUBSPACE_ADAM_EPS = 1e-8
+
+
 @dataclass(frozen=True)
 class Guide:
-    """Cloud guidance for one round: orthonormal basis Q (d, k), mixing α, optional cloud gradient g_B (d,)."""
+    """Cloud guidance for one round: orthonormal basis Q (d, k), mixing α, optional cloud gradient g_B (d,).
+
+    ``kind`` "guided": Guided-ES directions over all of θ, rectified with g_B (DESIGN.md, first round design).
+    ``kind`` "subspace" (round v2): the edge searches only θ = θ_t + Q·c, c ∈ R^k; α and g_B are unused.
+    """
 
     basis: np.ndarray  # (d, k) float32, orthonormal columns
     alpha: float = 0.5
     grad: np.ndarray | None = None  # (d,) float32: g_B, used for rectification
+    kind: str = "guided"
 
     def __post_init__(self) -> None:
         q = np.ascontiguousarray(self.basis, dtype=np.float32)
@@ -28,6 +39,8 @@ class Guide:
             raise ValueError(f"guide basis must be (d, k) with d >= k >= 1, got {q.shape}")
         if not 0.0 < self.alpha <= 1.0:
             raise ValueError(f"guide alpha must be in (0, 1], got {self.alpha}")
+        if self.kind not in GUIDE_KINDS:
+            raise ValueError(f"guide kind must be one of {GUIDE_KINDS}, got {self.kind!r}")
         object.__setattr__(self, "basis", q)
         if self.grad is not None:
             g = np.ascontiguousarray(self.grad, dtype=np.float32)
@@ -48,8 +61,14 @@ class Guide:
         """How much E[g z] amplifies the subspace part of ∇L: α + (1 − α)·d/k."""
         return self.alpha + (1.0 - self.alpha) * self.d / self.k
 
+    @property
+    def subspace(self) -> bool:
+        return self.kind == "subspace"
+
     def restrict(self, start: int, stop: int) -> Guide:
         """The guide for the coordinates [start, stop): the basis rows re-orthonormalised (split schedule)."""
+        if self.subspace:
+            raise ValueError("a subspace guide cannot be split over layer blocks (use kind 'guided' with a split)")
         q, _ = np.linalg.qr(self.basis[start:stop].astype(np.float64))
         grad = None if self.grad is None else self.grad[start:stop]
         return Guide(q.astype(np.float32), self.alpha, grad)
@@ -71,6 +90,10 @@ def direction(seed: int, d: int, guide: Guide | None = None) -> np.ndarray:
     Guided (Guided ES): z = sqrt(α)·z_d + sqrt((1−α)·d/k)·Q·z_k, with z_d then z_k drawn from one stream.
     """
     rng = np.random.Generator(np.random.PCG64(seed))
+    if guide is not None and guide.subspace:
+        if guide.d != d:
+            raise ValueError(f"guide is for d={guide.d}, direction asked for d={d}")
+        return guide.basis @ subspace_direction(seed, guide.k)  # (d,) = U (d, k) · u (k,)
     z = rng.standard_normal(d, dtype=np.float32)  # (d,)
     if guide is None or guide.alpha >= 1.0:
         return z
@@ -80,6 +103,11 @@ def direction(seed: int, d: int, guide: Guide | None = None) -> np.ndarray:
     z *= np.float32(math.sqrt(guide.alpha))
     z += np.float32(math.sqrt((1.0 - guide.alpha) * d / guide.k)) * (guide.basis @ zk)
     return z
+
+
+def subspace_direction(seed: int, k: int) -> np.ndarray:
+    """u ~ N(0, I_k) for ``seed``: the c-space perturbation of a subspace step (the edge perturbs θ by ε·U·u)."""
+    return np.random.Generator(np.random.PCG64(seed)).standard_normal(k, dtype=np.float32)  # (k,)
 
 
 def to_gradient_units(v: np.ndarray, guide: Guide | None) -> np.ndarray:
@@ -197,7 +225,12 @@ def apply_step(
     schedule: Schedule,
     guide: Guide | None,
 ) -> None:
-    """θ ← θ − η_t·v, v ← μ·v + u (in place). ``velocity`` may be None when momentum is 0."""
+    """θ ← θ − η_t·v, v ← μ·v + u (in place). ``velocity`` may be None when momentum is 0.
+
+    Full-space steps only: a subspace round keeps its state in :class:`SubspaceState`.
+    """
+    if guide is not None and guide.subspace:
+        raise ValueError("apply_step is for full-space guidance; a subspace round steps a SubspaceState")
     u = update_direction(step, theta.shape[0], guide)
     if not np.isfinite(u).all():
         raise FloatingPointError(f"non-finite update at step {t}")
@@ -208,6 +241,78 @@ def apply_step(
         velocity += u
         u = velocity
     theta -= np.float32(schedule.lr_at(t)) * u
+
+
+def subspace_theta(theta0: np.ndarray, basis: np.ndarray, c: np.ndarray) -> np.ndarray:
+    """θ = θ_t + U·c, in float64 column by column, then float32.
+
+    Written as a fixed sequence of element-wise operations (no BLAS reduction), so the edge and the cloud's
+    replay produce the same bits whatever library or thread count either side runs.
+    """
+    out = np.asarray(theta0, np.float64).copy()  # (d,)
+    for j in range(basis.shape[1]):
+        if c[j]:
+            out += float(c[j]) * basis[:, j].astype(np.float64)
+    return out.astype(np.float32)
+
+
+@dataclass
+class SubspaceState:
+    """One round of edge ZO in a cloud-built subspace: θ = θ_t + U·c with Adam over c ∈ R^k.
+
+    The state (c, Adam's m and v, the step count) is k + k + k + 1 numbers; it starts at zero each round on
+    the edge and in the cloud's replay alike. Step: ĝ_c = mean_i g_i u_i (the projected gradient in c-space,
+    unbiased for Uᵀ∇L as E[u uᵀ] = I), then Adam with lr_t from the round's Schedule.
+    """
+
+    theta0: np.ndarray  # (d,) float32, θ the round started from
+    guide: Guide
+    c: np.ndarray = field(default=None)  # type: ignore[assignment]  # (k,) float64
+    m: np.ndarray = field(default=None)  # type: ignore[assignment]
+    v: np.ndarray = field(default=None)  # type: ignore[assignment]
+    n: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.guide.subspace:
+            raise ValueError("SubspaceState needs a guide of kind 'subspace'")
+        self.theta0 = np.array(self.theta0, np.float32, copy=True)
+        k = self.guide.k
+        self.c = np.zeros(k) if self.c is None else np.asarray(self.c, np.float64)
+        self.m = np.zeros(k) if self.m is None else np.asarray(self.m, np.float64)
+        self.v = np.zeros(k) if self.v is None else np.asarray(self.v, np.float64)
+
+    def c_gradient(self, step: StepRecord) -> np.ndarray:
+        """ĝ_c = mean_i g_i·u_i over the step's perturbations (k,)."""
+        g = np.zeros(self.guide.k, np.float64)
+        n = 0
+        for grp in step.groups:
+            if grp.start != 0 or grp.stop not in (-1, self.guide.d):
+                raise ValueError("a subspace step has one group over all of θ")
+            for seed, gi in zip(grp.seeds.tolist(), grp.grads.tolist(), strict=True):
+                g += float(gi) * subspace_direction(int(seed), self.guide.k).astype(np.float64)
+                n += 1
+        return g / n if n else g
+
+    def apply(self, step: StepRecord, t: int, schedule: Schedule) -> None:
+        """One Adam step on c from the step's (seed, g) records; a rejected (empty) step is a no-op."""
+        if step.lam:
+            raise ValueError("a subspace step takes no rectification (λ must be 0)")
+        if step.n_perturbations == 0:
+            return
+        g = self.c_gradient(step)
+        if not np.isfinite(g).all():
+            raise FloatingPointError(f"non-finite subspace gradient at step {t}")
+        b1, b2 = SUBSPACE_BETAS
+        self.n += 1
+        self.m = b1 * self.m + (1.0 - b1) * g
+        self.v = b2 * self.v + (1.0 - b2) * g * g
+        m_hat = self.m / (1.0 - b1**self.n)
+        v_hat = self.v / (1.0 - b2**self.n)
+        self.c = self.c - schedule.lr_at(t) * m_hat / (np.sqrt(v_hat) + SUBSPACE_ADAM_EPS)
+
+    def theta(self) -> np.ndarray:
+        """θ_t + U·c (float32), bit-identical on edge and cloud (:func:`subspace_theta`)."""
+        return subspace_theta(self.theta0, self.guide.basis, self.c)
 
 
 def online_lambda(grads: np.ndarray, cloud_dots: np.ndarray, d: int, gain: float = 1.0) -> float:
@@ -236,7 +341,12 @@ def replay(
     guide: Guide | None,
     first_step: int = 0,
 ) -> np.ndarray:
-    """Reconstruct the θ an edge reached from its records (momentum starts at zero each round)."""
+    """Reconstruct the θ an edge reached from its records (momentum / c-space Adam start at zero each round)."""
+    if guide is not None and guide.subspace:
+        state = SubspaceState(theta0, guide)
+        for i, st in enumerate(steps):
+            state.apply(st, first_step + i, schedule)
+        return state.theta()
     theta = np.array(theta0, dtype=np.float32, copy=True)
     vel = np.zeros_like(theta) if schedule.momentum else None
     for i, st in enumerate(steps):

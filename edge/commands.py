@@ -8,6 +8,7 @@ import json
 import sys
 from pathlib import Path
 
+from edge.calibration import Calibration, CalibrationError, calibration_path, metrics_with_calibration
 from edge.client import add_guide_args, run_guided
 from protocol.spec import LORA_TARGETS, AdapterSpec
 
@@ -48,6 +49,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--eval-data", default=None, help="evaluation data (default: a held-out split of --data)")
     t.add_argument("--eval-fraction", type=float, default=0.1, help="held-out share when --eval-data is absent")
     t.add_argument("--eval-every", type=int, default=0)
+    t.add_argument("--val-data", default=None,
+                   help="private validation data: the classification threshold is fitted on it after training and "
+                        "saved as OUT.calib.json (edgezo eval uses it)")
+    t.add_argument("--val-fraction", type=float, default=None,
+                   help="share of the training rows held out (seeded, disjoint) as that validation split")
     t.add_argument("--steps", type=int, default=None, help="local steps (required without --guide)")
     t.add_argument("--out", default=None, help="output adapter GGUF (llama.cpp LoRA; required without --guide)")
     t.add_argument("--ckpt", default=None, help="checkpoint path (default: OUT.ckpt.npz)")
@@ -79,6 +85,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     _data_args(e)
     e.add_argument("--data", required=True)
     e.add_argument("--adapter", default=None, help="LoRA adapter or control-vector GGUF (edgezo train --out)")
+    e.add_argument("--calibration", default=None,
+                   help="calibration JSON (default: ADAPTER.calib.json when it exists, written by edgezo train --val-*)")
+    e.add_argument("--no-calibration", action="store_true", help="ignore any saved calibration")
+    e.add_argument("--predictions", default=None,
+                   help="write one JSON line per example here: label, raw and calibrated prediction, scores")
     e.set_defaults(handler=cmd_eval)
 
 
@@ -110,6 +121,30 @@ def _fail(msg: str) -> int:
     return 2
 
 
+def _scores(trainer, task, data: list, bs: int) -> tuple:
+    """(label-word scores (n, K), class indices (n,)) of encoded ``data`` with the trainer's θ."""
+    import numpy as np
+
+    trainer.adapter.write(trainer.theta)
+    bs = max(bs, 1)
+    parts = [task.scores(data[i : i + bs]) for i in range(0, len(data), bs)]
+    s = np.concatenate(parts, axis=0) if parts else np.zeros((0, len(task.labels)), np.float32)
+    return s, np.array([e.targets[0] for e in data], np.int64)
+
+
+def _calibrate(trainer, task, val_rows: list, args: argparse.Namespace):
+    """Fit the decision threshold on the private validation rows; save it next to ``--out``; print it."""
+    from edge.calibration import Calibration
+
+    s, y = _scores(trainer, task, [task.encode(r) for r in val_rows], args.batch_size)
+    calib = Calibration.for_task(task, s, y)
+    path = calib.save(calibration_path(args.out))
+    rule = f"threshold {calib.threshold:+.4f} on the margin" if calib.threshold is not None else f"biases {calib.bias}"
+    print(f"edgezo: calibration on {calib.n_val} private validation rows: accuracy raw {calib.val_accuracy_raw:.4f}, "
+          f"calibrated {calib.val_accuracy_calibrated:.4f} ({rule}); saved {path}", file=sys.stderr)
+    return calib
+
+
 def cmd_train(args: argparse.Namespace) -> int:
     from edge.data import DataError, shuffle_split
     from edge.runtime import RuntimeErrorEZ
@@ -118,6 +153,11 @@ def cmd_train(args: argparse.Namespace) -> int:
 
     if not args.guide and (args.steps is None or args.out is None):
         return _fail("train needs --steps and --out (or --guide HOST:PORT to let a guide drive the rounds)")
+    if args.val_data and args.val_fraction is not None:
+        return _fail("give --val-data or --val-fraction, not both")
+    if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
+        return _fail(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
+    want_val = bool(args.val_data) or args.val_fraction is not None
     try:
         rt, task = _build(args)
         rows = _rows(args, args.data, task)
@@ -126,6 +166,20 @@ def cmd_train(args: argparse.Namespace) -> int:
             eval_rows = _rows(args, args.eval_data, task)
         else:
             train_rows, eval_rows = shuffle_split(rows, args.seed, args.eval_fraction)
+        val_rows = []
+        if task.kind != "classification" or args.guide:
+            if want_val:
+                why = "classification only" if task.kind != "classification" else "not done in --guide mode"
+                print(f"edgezo: calibration is {why}; --val-data/--val-fraction ignored", file=sys.stderr)
+        elif args.val_data:
+            val_rows = _rows(args, args.val_data, task)
+        elif args.val_fraction is not None:  # carved from the training rows: disjoint from train and eval
+            train_rows, val_rows = shuffle_split(train_rows, args.seed + 1, args.val_fraction)
+            if not val_rows:
+                return _fail(f"--val-fraction {args.val_fraction} of {len(train_rows)} training rows is no row")
+        else:
+            print("edgezo: no --val-data / --val-fraction: no calibration saved (edgezo eval reports raw accuracy)",
+                  file=sys.stderr)
         if args.max_eval:
             eval_rows = eval_rows[: args.max_eval]
         train_set = [task.encode(r) for r in train_rows]
@@ -160,14 +214,53 @@ def cmd_train(args: argparse.Namespace) -> int:
         if args.log:
             Path(args.log).write_text(json.dumps(history))
         summary = {"out": args.out, "steps": trainer.step, "rejected": trainer.rejected, "d": spec.d}
+        calib = None
+        if val_rows:
+            calib = _calibrate(trainer, task, val_rows, args)
+            summary["calibration"] = {
+                "path": str(calibration_path(args.out)), "n_val": calib.n_val, "threshold": calib.threshold,
+                "bias": calib.bias, "val_accuracy_raw": calib.val_accuracy_raw,
+                "val_accuracy_calibrated": calib.val_accuracy_calibrated,
+            }
         if eval_set:
-            summary["eval"] = trainer.evaluate(eval_set)
+            if task.kind == "classification":
+                s, y = _scores(trainer, task, eval_set, args.batch_size)
+                summary["eval"] = metrics_with_calibration(s, y, calib)
+            else:
+                summary["eval"] = trainer.evaluate(eval_set)
         print(json.dumps(summary))
         trainer.close()
         rt.close()
         return 0
-    except (RuntimeErrorEZ, DataError, TaskError, ValueError, KeyError) as e:
+    except (RuntimeErrorEZ, DataError, TaskError, CalibrationError, ValueError, KeyError, OSError) as e:
         return _fail(str(e))
+
+
+def _eval_classification(task, rows: list, data: list, bs: int, calib, args: argparse.Namespace) -> dict:
+    """Raw accuracy, accuracy under the SAVED calibration (never fitted here), and the oracle (best threshold
+    on this very set); per-example predictions to ``--predictions``."""
+    import numpy as np
+
+    parts = [task.scores(data[i : i + bs]) for i in range(0, len(data), bs)]
+    s = np.concatenate(parts, axis=0) if parts else np.zeros((0, len(task.labels)), np.float32)
+    y = np.array([e.targets[0] for e in data], np.int64)
+    result = metrics_with_calibration(s, y, calib)
+    raw = s.argmax(1)
+    cal = calib.predict(s) if calib is not None else None
+    if args.predictions:
+        out = Path(args.predictions)
+        tmp = out.with_name(out.name + ".tmp")
+        with open(tmp, "w", encoding="utf-8") as f:
+            for i, row in enumerate(rows):
+                rec = {"i": i, "text": row.text, "label": row.label, "raw": task.labels[raw[i]],
+                       "calibrated": task.labels[cal[i]] if cal is not None else None,
+                       "scores": [float(v) for v in s[i]]}
+                f.write(json.dumps(rec) + "\n")
+        tmp.replace(out)
+    if calib is not None:
+        print(f"edgezo: accuracy raw {result['accuracy']:.4f}, calibrated {result['calibrated_accuracy']:.4f} "
+              f"(saved calibration, fitted on {calib.n_val} private validation rows)", file=sys.stderr)
+    return result
 
 
 def cmd_eval(args: argparse.Namespace) -> int:
@@ -186,7 +279,22 @@ def cmd_eval(args: argparse.Namespace) -> int:
     from edge.tasks import TaskError
 
     try:
+        calib, calib_path = None, None
+        if not args.no_calibration:
+            if args.calibration:
+                calib_path = Path(args.calibration)
+            elif args.adapter and calibration_path(args.adapter).exists():
+                calib_path = calibration_path(args.adapter)
+            if calib_path is not None:
+                calib = Calibration.load(calib_path)
+                if args.template is None and args.task == "classification":
+                    args.template = calib.template  # score the prompt the threshold was fitted on
         rt, task = _build(args)
+        if calib is not None and task.kind != "classification":
+            print(f"edgezo: {calib_path} ignored: calibration is for classification", file=sys.stderr)
+            calib = None
+        if calib is not None:
+            calib.check_task(task)
         handle = cvec = None
         if args.adapter and adapter_kind(check_gguf(args.adapter, "adapter")) == "control":
             spec, tensors, hint = read_control_gguf(args.adapter, rt.dims())
@@ -207,8 +315,12 @@ def cmd_eval(args: argparse.Namespace) -> int:
         if args.max_eval:
             rows = rows[: args.max_eval]
         data = [task.encode(r) for r in rows]
-        bs = args.batch_size
-        result = task.evaluate([data[i : i + bs] for i in range(0, len(data), bs)])
+        bs = max(args.batch_size, 1)
+        if task.kind == "classification":
+            result = _eval_classification(task, rows, data, bs, calib, args)
+            result["calibration"] = str(calib_path) if calib is not None else None
+        else:
+            result = task.evaluate([data[i : i + bs] for i in range(0, len(data), bs)])
         print(json.dumps(result))
         if cvec:
             cvec.close()
@@ -217,5 +329,5 @@ def cmd_eval(args: argparse.Namespace) -> int:
             llama_cpp.llama_adapter_lora_free(handle)
         rt.close()
         return 0
-    except (RuntimeErrorEZ, DataError, TaskError, ValueError, KeyError) as e:
+    except (RuntimeErrorEZ, DataError, TaskError, CalibrationError, ValueError, KeyError, OSError) as e:
         return _fail(str(e))

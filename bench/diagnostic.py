@@ -67,6 +67,11 @@ def load_named(name: str, max_chars: int):
     return data.deduplicate(s)
 
 
+def say(msg: str) -> None:
+    """One progress line on stderr (flushed: the run is long and tqdm bars are off when not on a TTY)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+
 def share(u: np.ndarray, g: np.ndarray) -> float:
     """‖Uᵀg‖² / ‖g‖² (U orthonormal): the part of g's energy the subspace holds."""
     g64 = np.asarray(g, np.float64)
@@ -157,9 +162,17 @@ def main(argv: list[str] | None = None) -> dict:
     scorer = TorchScorer(lora=lora, tokenizer=tok, task=task)
     timing["load_model_s"] = time.perf_counter() - t0
 
+    def margins(texts: list[str]) -> np.ndarray:
+        """scorer.margins over the texts sorted by length (less padding per batch), returned in input order."""
+        order = np.argsort([len(t) for t in texts], kind="stable")
+        m = scorer.margins([texts[i] for i in order])
+        out = np.empty_like(m)
+        out[order] = m
+        return out
+
     def evaluate(theta: np.ndarray) -> dict:
         lora.set_theta(theta)
-        mv, mt = scorer.margins(val.texts), scorer.margins(test.texts)
+        mv, mt = margins(val.texts), margins(test.texts)
         thr = calibrate_threshold(mv, val.labels)
         return {"raw": accuracy(mt, test.labels), "calibrated": accuracy(mt, test.labels, thr), "threshold": thr,
                 "val_raw": accuracy(mv, val.labels), "test_pos_rate": float(np.mean(mt > 0))}
@@ -172,7 +185,9 @@ def main(argv: list[str] | None = None) -> dict:
     theta_init = lora.get_theta()
     arms: dict[str, dict] = {}
     t0 = time.perf_counter()
+    say(f"model loaded (d = {spec.d}); zero-shot evaluation")
     arms["zero_shot"] = evaluate(theta_init)
+    say(f"cloud-only: {args.steps} AdamW steps on {args.public}")
     timing["eval_s"] = time.perf_counter() - t0
 
     t0 = time.perf_counter()
@@ -183,6 +198,7 @@ def main(argv: list[str] | None = None) -> dict:
     arms["cloud_only"]["loss_first5"] = float(np.mean([h["loss"] for h in cloud.history[:5]]))
     arms["cloud_only"]["loss_last5"] = float(np.mean([h["loss"] for h in cloud.history[-5:]]))
 
+    say(f"private backprop: {args.steps} AdamW steps on {args.private} train")
     t0 = time.perf_counter()
     priv = lead_for(train, priv_rng)
     theta_priv = priv.warm_start(theta_init)
@@ -192,6 +208,7 @@ def main(argv: list[str] | None = None) -> dict:
     arms["private_backprop"]["loss_last5"] = float(np.mean([h["loss"] for h in priv.history[-5:]]))
 
     # ---- gradients at θ_cloud --------------------------------------------------------------------------
+    say(f"subspace at θ_cloud (k = {args.k}) and {args.grad_batches} private gradients")
     t0 = time.perf_counter()
     traj = cloud.trajectory_directions(theta_cloud)
     pub_grads, pub_losses = cloud.public_gradients(theta_cloud, args.k - len(traj))
@@ -246,8 +263,11 @@ def main(argv: list[str] | None = None) -> dict:
         "rule": "gap = private backprop calibrated − cloud-only calibrated; pair can show edge value iff gap ≥ 2",
     }
     timing["total_s"] = time.perf_counter() - t_start
+    defaults = vars(parse_args([]))
     out = {
         "args": {k: v for k, v in vars(args).items() if k != "json"},
+        "changed_from_defaults": {k: {"default": defaults[k], "used": v} for k, v in vars(args).items()
+                                  if k != "json" and v != defaults[k]},
         "model": model_path.name,
         "adapter": {"rank": 8, "alpha": 16.0, "targets": ["q_proj", "v_proj"], "layers": "all", "train": "AB",
                     "d": spec.d},

@@ -37,12 +37,13 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.set_defaults(handler=cmd_status)
     g.set_defaults(handler=lambda a: (g.print_help(), 2)[1])
 
-    d = sub.add_parser("demo", help="guide + two edge clients on loopback with SmolLM2-135M on Rotten Tomatoes")
+    d = sub.add_parser("demo", help="round v2 on loopback: a guide leading on movie snippets, two SmolLM2-135M "
+                                    "edges correcting on private tweets; prints zero-shot / cloud-only / edgezo")
     d.add_argument("--rounds", type=int, default=None)
     d.add_argument("--local-steps", type=int, default=None)
     d.add_argument("--batch", type=int, default=None, help="examples per forward pass")
-    d.add_argument("--lr", type=float, default=None)
-    d.add_argument("--lam", type=_lam, default=None, help='rectification λ in [0, 1], or "online" (λ* per step)')
+    d.add_argument("--k", type=int, default=None, help="subspace size (4-128)")
+    d.add_argument("--warm-steps", type=int, default=None, help="the cloud's AdamW steps before round 0")
     d.add_argument("--val-n", type=int, default=None)
     d.add_argument("--test-n", type=int, default=None)
     d.add_argument("--out", default="edgezo-demo", help="output folder (plot, JSON summary, guide state)")
@@ -191,15 +192,6 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
-def _lam(text: str) -> float | str:
-    """argparse type of ``--lam``: "online" or a float in [0, 1]."""
-    if text == "online":
-        return text
-    lam = float(text)
-    if not 0.0 <= lam <= 1.0:
-        raise argparse.ArgumentTypeError(f"λ must be in [0, 1] or 'online', got {text}")
-    return lam
-
 
 def cmd_demo(args: argparse.Namespace) -> int:
     from edge.cli import require_cloud
@@ -210,10 +202,14 @@ def cmd_demo(args: argparse.Namespace) -> int:
     kw = {}
     if args.rounds is not None:
         kw["rounds"] = args.rounds
-    for name in ("local_steps", "batch", "lr", "lam", "val_n", "test_n"):
+    for name in ("local_steps", "batch", "k", "warm_steps", "val_n", "test_n"):
         if getattr(args, name) is not None:
             kw[name] = getattr(args, name)
-    cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    try:
+        cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    except ValueError as e:
+        print(f"edgezo demo: {e}", file=sys.stderr)
+        return 2
     summary = run_demo(cfg, out=args.out)
-    print(json.dumps({k: summary[k] for k in ('before', 'after', 'seconds', 'plot')}, default=str))
+    print(json.dumps({k: summary[k] for k in ('zero_shot', 'cloud_only', 'after', 'seconds', 'plot')}, default=str))
     return 0

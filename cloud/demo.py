@@ -1,11 +1,11 @@
-"""``edgezo demo``: a guide and two edge clients on loopback, SmolLM2-135M on Rotten Tomatoes.
+"""``edgezo demo``: round v2 on one machine — a guide and two edge clients on loopback, SmolLM2-135M.
 
-* Cloud: the GGUF dequantized to fp32 in torch, a public slice → per-round guidance (Q, g_B) by backprop.
-* Edges: two :class:`edge.client.EdgeClient` s, each training through llama.cpp on the Q4_1 GGUF
-  (the edge's own Trainer) on a private slice, uploading (seed, g) records.
-* Afterwards every round's θ_t (from the guide's checkpoints) is evaluated on the edge runtime:
-  accuracy raw (margin > 0) and calibrated (threshold fixed on a validation split), plotted against the
-  edges' forward passes (PNG, matplotlib Agg) and written as JSON.
+* Cloud: the GGUF dequantized to fp32 in torch; it leads (AdamW on public movie snippets, then each round a
+  k-dimensional subspace U at θ_t from its trajectory and public gradients), through the real guide daemon.
+* Edges: two :class:`edge.client.EdgeClient` s training through llama.cpp on Q4_0 (converted once from the
+  packaged Q4_1 and cached) on private, label-skewed tweets: SPSA + Adam on c with θ = θ_t + U·c.
+* It prints zero-shot, cloud-only and edgezo accuracy on the same private test tweets — raw and calibrated
+  (threshold fixed on private validation) — and plots them, so a new user sees what the edges added.
 """
 
 from __future__ import annotations
@@ -24,35 +24,31 @@ SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
 
 @dataclass(frozen=True)
 class DemoConfig:
-    rounds: int = 5
-    local_steps: int = 6
-    lr: float = 0.03
-    eps: float = 1e-3
-    # Fixed λ = 0.5 (stable since protocol.zo divides by the scalar gain). Seed 0, 96 test texts, mean test acc
-    # over rounds 1-5: λ=0.5/lr 0.03 0.717 (final 0.740), λ=0.5/lr 0.06 0.706 (0.740), "online"/lr 0.06 0.642
-    # (0.760, with a dip to 0.531): final accuracies are within noise, λ=0.5 is the steadier path.
-    lam: float | str = 0.5
-    q: int = 1
+    """The demo's sizes. The guidance kind, lr and ε are the product's defaults (cloud.config.TrainConfig)."""
+
+    rounds: int = 3
+    local_steps: int = 15
     batch: int = 8
-    alpha: float = 0.5
-    k: int = 4
-    guide_batches: int = 1
-    public_n: int = 64
-    private_n: int = 256
-    val_n: int = 48
-    test_n: int = 96
+    k: int = 16
+    warm_steps: int = 20  # the cloud's AdamW steps on public movie snippets before round 0
+    public_n: int = 256
+    private_n: int = 200  # tweets per edge (label-skewed: edge-1 mostly positive, edge-2 mixed)
+    val_n: int = 64  # private validation: calibration
+    test_n: int = 160
     rank: int = 8
     seed: int = 0
     threads: int = 1  # per llama.cpp edge / torch
 
     def __post_init__(self) -> None:
-        if min(self.rounds, self.local_steps, self.q, self.batch, self.k, self.public_n, self.private_n,
-               self.val_n, self.test_n) < 1:
-            raise ValueError("all demo sizes must be >= 1")
+        if min(self.rounds, self.local_steps, self.batch, self.public_n, self.private_n, self.val_n,
+               self.test_n) < 1 or self.warm_steps < 0:
+            raise ValueError("all demo sizes must be >= 1 (warm_steps >= 0)")
+        if not 4 <= self.k <= 128:
+            raise ValueError(f"k must be in 4..128, got {self.k}")
 
     @classmethod
     def quick(cls, **kw) -> DemoConfig:
-        base = dict(rounds=2, local_steps=2, public_n=32, private_n=32, val_n=16, test_n=32, guide_batches=1)
+        base = dict(rounds=1, local_steps=2, warm_steps=2, public_n=32, private_n=32, val_n=16, test_n=32, k=4)
         return cls(**{**base, **kw})
 
 
@@ -63,17 +59,46 @@ def smollm2_path() -> Path:
     return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2
 
 
-def run_demo(cfg: DemoConfig, *, out: str | Path, log=print) -> dict:
+def edge_model(cache: Path | None = None) -> Path:
+    """The edge's GGUF: the packaged Q4_1 converted once to Q4_0, the fastest type measured on these cores
+    (docs/bench/forward_speed.json: Q4_0 0.57×, Q4_1 2.05× the time of Q8_0), cached in ``cache``
+    (default ``$EDGEZO_CACHE`` or ``~/.cache/edgezo``). Regenerated when the source is newer than the cache."""
+    import os
+
+    src = smollm2_path()
+    cache = Path(cache or os.environ.get("EDGEZO_CACHE") or Path.home() / ".cache" / "edgezo")
+    dst = cache / SMOLLM2.replace("Q4_1", "Q4_0")
+    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
+        return dst
+    from convert.gguf_to_hf import gguf_to_hf
+    from convert.hf_to_gguf import hf_to_gguf
+
+    cache.mkdir(parents=True, exist_ok=True)
+    hf = cache / "SmolLM2-135M-Instruct-hf"
+    if not (hf / "config.json").exists():
+        gguf_to_hf(src, hf)
+    tmp = dst.with_name(dst.name + ".tmp")
+    hf_to_gguf(hf, tmp, "q4_0")
+    tmp.replace(dst)
+    return dst
+
+
+def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None = None) -> dict:
+    """Guide (the cloud leads, subspace guidance) + two llama.cpp edges on loopback, tweets as private data."""
+    import shutil
+
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     import torch
 
+    from cloud.cli import lead_config
     from cloud.config import GuideConfig
     from cloud.daemon import GuideServer
-    from cloud.data import load_rotten_tomatoes, split
+    from cloud.data import dirichlet_shards, load_rotten_tomatoes, load_tweets, split
     from cloud.guidance import GuidanceConfig
+    from cloud.lead import CloudLead
     from cloud.model import accuracy, build_cloud, calibrate_threshold
     from cloud.store import Store
     from edge.client import ClientConfig, EdgeClient, EdgeTrainerAdapter, llama_margins, llama_trainer
@@ -84,37 +109,45 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print) -> dict:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     rng = np.random.default_rng(cfg.seed)
-    gguf = smollm2_path()
-    sl = split(load_rotten_tomatoes(), {"public": cfg.public_n, "edge-1": cfg.private_n, "edge-2": cfg.private_n,
-                                        "val": cfg.val_n, "test": cfg.test_n}, rng)
-    log(f"[demo] data: public {cfg.public_n} (cloud), private {cfg.private_n} × 2 (edges), val {cfg.val_n}, "
-        f"test {cfg.test_n}")
-    t0 = time.perf_counter()
-    spec, theta0, guidance, _ = build_cloud(
-        model_path=str(gguf), device="", rank=cfg.rank, alpha=2.0 * cfg.rank, targets=("q_proj", "v_proj"),
-        layers=(), train="AB", init_seed=cfg.seed, public=sl["public"], batch=cfg.batch,
-        guidance_config=GuidanceConfig(k=cfg.k, batches=cfg.guide_batches, alpha=cfg.alpha), rng=rng)
-    log(f"[demo] cloud model ready (fp32 torch, d={spec.d}) in {time.perf_counter() - t0:.1f}s")
+    gguf = edge_model(cache)
+    tweets = load_tweets()
+    held = split(tweets, {"val": cfg.val_n, "test": cfg.test_n}, rng)
+    used = set(held["val"].texts) | set(held["test"].texts)
+    rest = [(t, y) for t, y in zip(tweets.texts, tweets.labels, strict=True) if t not in used]
+    from cloud.data import Slice
 
-    def edge_trainer(data, name: str):
-        return llama_trainer(gguf=gguf, spec=spec, texts=data.texts, labels=data.labels, name=name, batch=cfg.batch,
-                             q=cfg.q, lr=cfg.lr, eps=cfg.eps, threads=cfg.threads, init_seed=cfg.seed)
-
-    tokens = {"edge-1": "demo-token-edge-1", "edge-2": "demo-token-edge-2"}
-    gcfg = GuideConfig(tokens=tokens).override(
+    shards = dirichlet_shards(Slice([t for t, _ in rest], [y for _, y in rest]), 2, cfg.private_n, 0.5, rng)
+    public = split(load_rotten_tomatoes(), {"public": cfg.public_n}, rng)["public"]
+    log(f"[demo] private: tweets, {cfg.private_n} per edge (label-skewed), val {cfg.val_n}, test {cfg.test_n}; "
+        f"public (cloud): {cfg.public_n} movie snippets; edge model {gguf.name}")
+    gcfg = GuideConfig(tokens={"edge-1": "demo-token-edge-1", "edge-2": "demo-token-edge-2"}).override(
         server={"port": 0, "state_dir": str(out / "guide-state"), "log_file": str(out / "guide.jsonl")},
         rounds={"rounds": cfg.rounds, "min_clients": 2, "max_clients": 2, "deadline_s": 3600.0,
                 "join_window_s": 0.0, "sample_seed": cfg.seed},
-        train={"local_steps": cfg.local_steps, "lr": cfg.lr, "eps": cfg.eps, "lam": cfg.lam, "q": cfg.q,
-               "batch": cfg.batch, "alpha": cfg.alpha, "k": cfg.k, "guide_batches": cfg.guide_batches})
+        train={"kind": "subspace", "k": cfg.k, "local_steps": cfg.local_steps, "q": 1, "batch": cfg.batch},
+        cloud={"warm_steps": cfg.warm_steps, "batch": cfg.batch})
     if (out / "guide-state").exists():
-        import shutil
-
         shutil.rmtree(out / "guide-state")
-    edges = {name: edge_trainer(sl[name], name) for name in tokens}
+    t0 = time.perf_counter()
+    spec, theta_init, builder, scorer = build_cloud(
+        model_path=str(smollm2_path()), device="", rank=cfg.rank, alpha=2.0 * cfg.rank,
+        targets=("q_proj", "v_proj"), layers=(), train="AB", init_seed=cfg.seed, public=public, batch=cfg.batch,
+        guidance_config=GuidanceConfig(), rng=rng)
+    builder.close()
+    lead = CloudLead(scorer=scorer, public=public, config=lead_config(gcfg), rng=rng,
+                     state_dir=out / "guide-state" / "cloud", progress=False)
+    theta0 = lead.warm_start(theta_init)
+    log(f"[demo] cloud: fp32 torch (d={spec.d}), {cfg.warm_steps} AdamW steps on public data in "
+        f"{time.perf_counter() - t0:.1f}s")
+
+    def edge_trainer(data, name: str):
+        return llama_trainer(gguf=gguf, spec=spec, texts=data.texts, labels=data.labels, name=name,
+                             batch=cfg.batch, q=1, lr=0.0, eps=1e-3, threads=cfg.threads, init_seed=cfg.seed)
+
+    edges = {name: edge_trainer(sh, name) for name, sh in zip(gcfg.tokens, shards, strict=True)}
 
     async def federate():
-        srv = GuideServer(config=gcfg, spec=spec, theta0=theta0, guidance=guidance)
+        srv = GuideServer(config=gcfg, spec=spec, theta0=theta0, guidance=lead)
         await srv.start()
         try:
             clients = [EdgeClient(config=ClientConfig(host="127.0.0.1", port=srv.port, client_id=n, token=t,
@@ -123,7 +156,7 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print) -> dict:
                                   log=lambda ev, **f: log(f"[{f.get('client', '')}] {ev} "
                                                           f"{ {k: v for k, v in f.items() if k != 'client'} }")
                                   if ev == "round_done" else None)
-                       for i, (n, t) in enumerate(tokens.items())]
+                       for i, (n, t) in enumerate(gcfg.tokens.items())]
             sums = await asyncio.gather(*(c.run() for c in clients))
             while not srv.finished:
                 await asyncio.sleep(0.05)
@@ -139,50 +172,56 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print) -> dict:
         tr.close()
         rt.close()
 
-    # ---- evaluation of every θ_t on the edge runtime (llama.cpp, Q4_1) --------------------------------
+    # ---- the same private test texts, scored on the edge runtime (llama.cpp) ------------------------------
     store = Store(root=out / "guide-state")
-    ev_tr, ev_rt = edge_trainer(sl["val"], "eval")
-    per_round_passes = 2 * cfg.q * cfg.local_steps * len(tokens)
+    ev_tr, ev_rt = edge_trainer(held["val"], "eval")
+    val, test = held["val"], held["test"]
+
+    def score(th: np.ndarray) -> dict:
+        mv = llama_margins(ev_tr, th, val.texts, 16)
+        mt = llama_margins(ev_tr, th, test.texts, 16)
+        thr = calibrate_threshold(mv, val.labels)  # fixed on private validation, never on test
+        return {"acc": accuracy(mt, test.labels), "acc_calibrated": accuracy(mt, test.labels, thr), "threshold": thr}
+
+    per_round_passes = 2 * cfg.local_steps * len(edges)
+    zero_shot = {"round": None, "forward_passes": 0, **score(theta_init)}
     curve = []
-    t0 = time.perf_counter()
     for r in range(cfg.rounds + 1):
         th = store.load_theta(r)
         if th is None:
             break
-        mv = llama_margins(ev_tr, th, sl["val"].texts, 16)
-        mt = llama_margins(ev_tr, th, sl["test"].texts, 16)
-        thr = calibrate_threshold(mv, sl["val"].labels)
-        curve.append({"round": r, "forward_passes": r * per_round_passes,
-                      "acc": accuracy(mt, sl["test"].labels), "acc_calibrated": accuracy(mt, sl["test"].labels, thr),
-                      "threshold": thr})
-        log(f"[demo] θ_{r}: test acc {curve[-1]['acc']:.3f}, calibrated {curve[-1]['acc_calibrated']:.3f}")
-    eval_s = time.perf_counter() - t0
-    ev_tr.close()
-    ev_rt.close()
+        curve.append({"round": r, "forward_passes": r * per_round_passes, **score(th)})
     rounds = store.rounds(1000)
     store.close()
+    ev_tr.close()
+    ev_rt.close()
+    cloud_only = curve[0]  # θ_0: what the cloud reaches on public data alone
+    for name, row in (("zero-shot", zero_shot), ("cloud only (θ_0)", cloud_only), ("edgezo", curve[-1])):
+        log(f"[demo] {name:17s} test acc {row['acc']:.3f}, calibrated {row['acc_calibrated']:.3f}")
 
-    fig, ax = plt.subplots(figsize=(6, 4))
+    fig, ax = plt.subplots(figsize=(6.4, 4))
     x = [c["forward_passes"] for c in curve]
-    ax.plot(x, [c["acc"] for c in curve], "o-", label="raw (margin > 0)")
-    ax.plot(x, [c["acc_calibrated"] for c in curve], "s--", label="calibrated (threshold from val)")
+    ax.plot(x, [c["acc_calibrated"] for c in curve], "o-", label="edgezo (calibrated)")
+    ax.plot(x, [c["acc"] for c in curve], "o:", alpha=0.6, label="edgezo (raw)")
+    ax.axhline(cloud_only["acc_calibrated"], color="C2", ls="--", label="cloud only (calibrated)")
+    ax.axhline(zero_shot["acc_calibrated"], color="grey", ls="--", label="zero-shot (calibrated)")
     ax.set_xlabel("edge forward passes (both edges)")
-    ax.set_ylabel(f"test accuracy (n={cfg.test_n})")
-    ax.set_title("edgezo: SmolLM2-135M Q4_1, guided ZO, Rotten Tomatoes")
+    ax.set_ylabel(f"private test accuracy (n={cfg.test_n} tweets)")
+    ax.set_title("edgezo: the cloud leads on movie snippets, the edges correct on tweets")
     ax.grid(alpha=0.3)
-    ax.legend()
+    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out / "accuracy.png", dpi=120)
     plt.close(fig)
     summary = {
-        "config": asdict(cfg), "d": spec.d, "before": curve[0], "after": curve[-1], "curve": curve,
+        "config": asdict(cfg), "d": spec.d, "zero_shot": zero_shot, "cloud_only": cloud_only, "before": curve[0],
+        "after": curve[-1], "curve": curve,
         "rounds": [{k: r[k] for k in ("round", "uploads", "public_loss", "client_loss")} for r in rounds],
         "client_reconnects": [s.reconnects for s in sums],
-        "seconds": {"train": round(train_s, 1), "eval": round(eval_s, 1),
-                    "total": round(time.perf_counter() - t_start, 1)},
+        "seconds": {"train": round(train_s, 1), "total": round(time.perf_counter() - t_start, 1)},
         "plot": str(out / "accuracy.png"),
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    log(f"[demo] accuracy before {curve[0]['acc']:.3f} (calibrated {curve[0]['acc_calibrated']:.3f}) → after "
-        f"{curve[-1]['acc']:.3f} (calibrated {curve[-1]['acc_calibrated']:.3f}); plot {out / 'accuracy.png'}")
+    log(f"[demo] the edges added {100 * (curve[-1]['acc_calibrated'] - cloud_only['acc_calibrated']):+.1f} "
+        f"calibrated points over the cloud alone; plot {out / 'accuracy.png'}")
     return summary

@@ -58,7 +58,7 @@ def _config(tmp_path: Path, **rounds) -> GuideConfig:
         server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
                 "long_poll_s": 2.0},
         rounds={"join_window_s": 0.3, **rounds},
-        train={"local_steps": 20, "lr": 0.02, "eps": 1e-3, "lam": 0.5, "q": 2, "alpha": 0.5, "k": 2})
+        train={"kind": "guided", "local_steps": 20, "lr": 0.02, "eps": 1e-3, "lam": 0.5, "q": 2, "alpha": 0.5, "k": 2})
 
 
 def test_lora_is_views_of_one_theta_and_matches_peft(tiny_llama_dir):

@@ -114,6 +114,7 @@ def build_server(cfg, *, dims: str | None = None):
             guidance = CloudLead(scorer=scorer, public=public, config=lead_config(cfg), rng=rng,
                                  state_dir=Path(cfg.server.state_dir) / "cloud")
             theta0 = guidance.warm_start(theta0)
+            warm = [h["loss"] for h in guidance.history if h["phase"] == "warm"]
     else:
         if not dims:
             raise ValueError("no model configured: give [model] path or --dims for a model-free guide")
@@ -123,7 +124,11 @@ def build_server(cfg, *, dims: str | None = None):
         theta0 = spec.flatten(spec.init(m.init_seed))
         guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng,
                                   kind=tc.kind if tc.subspace else "guided")
-    return GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
+    server = GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
+    if m.path and tc.subspace:  # what the cloud alone reached before round 0
+        server.log("cloud_warm_start", steps=cfg.cloud.warm_steps, public_loss_first=warm[0] if warm else None,
+                   public_loss_last=warm[-1] if warm else None, theta0_norm=float(np.linalg.norm(theta0)))
+    return server
 
 
 def cmd_serve(args: argparse.Namespace) -> int:

@@ -188,3 +188,34 @@ def test_wire_guidance_keeps_its_kind_in_the_digest():
     full = WireGuidance.from_guide(Guide(guide.basis, 1.0, None, "guided"), "fp32", "fp32")
     assert sub.to_guide().kind == "subspace" and full.to_guide().kind == "guided"
     assert sub.guide_id != full.guide_id
+
+
+def test_guide_serve_with_a_model_warm_starts_and_leads_with_a_subspace(tmp_path, tiny_llama_dir):
+    """`edgezo guide serve`'s construction on a real (tiny) torch model: the cloud's AdamW warm start is
+    θ_0, checkpointed in the state dir; the guidance source is the leading cloud with a k-dim subspace."""
+    import json
+
+    from cloud.cli import build_server
+    from cloud.lead import CloudLead
+
+    cfg = GuideConfig.from_dict({
+        "server": {"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl")},
+        "model": {"path": str(tiny_llama_dir), "rank": 2, "alpha": 4.0},
+        "data": {"public_n": 32, "batch": 4},
+        "train": {"kind": "subspace", "k": 4},
+        "cloud": {"warm_steps": 3, "batch": 4}})
+    srv = build_server(cfg)
+    try:
+        assert isinstance(srv.guidance, CloudLead) and not srv.guidance.pipelined
+        assert (tmp_path / "state" / "cloud").is_dir() and any((tmp_path / "state" / "cloud").iterdir())
+        init = srv.spec.flatten(srv.spec.init(cfg.model.init_seed))
+        assert not np.array_equal(srv.theta, init)  # θ_0 is the cloud's warm start, not the initial adapter
+        g = srv.guidance.guidance(srv.theta, 0)
+        assert g.guide.subspace and g.guide.k == 4
+        u = g.guide.basis.astype(np.float64)
+        assert np.allclose(u.T @ u, np.eye(4), atol=1e-5)
+        logged = [json.loads(x) for x in (tmp_path / "guide.jsonl").read_text().splitlines()]
+        assert any(e.get("event") == "cloud_warm_start" and e["steps"] == 3 for e in logged)
+    finally:
+        srv.guidance.close()
+        srv.store.close()

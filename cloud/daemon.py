@@ -69,7 +69,7 @@ from protocol.messages import (
 )
 from protocol.messages import Guidance as WireGuidance
 from protocol.spec import AdapterSpec
-from protocol.zo import Guide, Schedule, orthonormal_basis
+from protocol.zo import Guide, orthonormal_basis
 
 HANDSHAKE_MAX_FRAME = 4096
 

@@ -11,9 +11,11 @@ AdamW is implemented here in numpy float64 (moments and update), θ kept as floa
 inputs give bit-identical θ on every run, and the whole state is a few arrays, so a checkpoint restores it
 exactly (a resumed warm start ends at the same θ as an uninterrupted one).
 
-Cost (measured with bench/diagnostic.py on SmolLM2-135M + LoRA r8 q,v, d = 460,800, torch fp32, 2 CPU cores,
-batch 16 tweets/snippets): one public gradient ≈ 1.3 s, so one subspace build at k = 16 (15 gradients + QR of a
-460,800 × 16 matrix, the QR itself < 0.3 s) takes ≈ 20 s; see docs/bench/diagnostic.json ("timing").
+Cost (measured by bench/diagnostic.py, docs/bench/diagnostic.json "timing"; SmolLM2-135M + LoRA r8 q,v,
+d = 460,800, torch fp32 on 2 CPU cores shared with other jobs): one public gradient takes ≈ 13 s at batch 8 and
+≈ 30 s at batch 16 (texts ≤ 200 / ≤ 400 characters); the QR of a 460,800 × 8 matrix 0.5 s. One subspace build is
+therefore ≈ (k − trajectory) gradients: 93 s at k = 8 / batch 8, ≈ 7.5 min at k = 16 / batch 16 on these cores,
+and each round_step costs one more gradient. On CPU the cloud's gradients, not the QR, set the round's latency.
 """
 
 from __future__ import annotations
@@ -38,6 +40,13 @@ from protocol.zo import Guide, orthonormal_basis
 CKPT_NAME = "lead.npz"
 ADAM_BETAS = (0.9, 0.999)
 ADAM_EPS = 1e-8
+
+
+def _jsonable(o: object) -> object:
+    """numpy values inside a bit generator's state (MT19937 keeps an array) as JSON lists / numbers."""
+    if isinstance(o, np.ndarray | np.generic):
+        return o.tolist()
+    raise TypeError(f"{type(o).__name__} is not JSON serialisable")
 
 
 class GradientScorer(Protocol):
@@ -322,7 +331,7 @@ class CloudLead:
             "meta": np.array(json.dumps({
                 "t": self.t, "warm_done": self.warm_done, "rng": self.rng.bit_generator.state,
                 "history": self.history, "config": self.config.__dict__,
-            })),
+            }, default=_jsonable)),
         }
         tmp = p.with_name(p.name + ".tmp")
         with open(tmp, "wb") as f:

@@ -13,7 +13,6 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-
 GUIDE_KINDS = ("guided", "subspace")
 # Adam in c-space (round v2): k numbers of first and second moment, restarted every round on both sides.
 SUBSPACE_BETAS = (0.9, 0.999)

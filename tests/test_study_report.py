@@ -54,7 +54,8 @@ def test_budgets_means_and_targets(tmp_path):
 
 
 def test_report_regenerates_unchanged_from_the_same_json(tmp_path):
-    runs = _write(tmp_path / "runs", []) if (tmp_path / "runs").mkdir() is None else None
+    runs = tmp_path / "runs"
+    runs.mkdir()
     _write(runs, [_zo("edgezo", 0, [0.7, 0.8, 0.9]), _torch("cloud_only", 0, 0.85)])
     out = tmp_path / "docs"
     out.mkdir()

@@ -12,10 +12,11 @@ inputs give bit-identical θ on every run, and the whole state is a few arrays, 
 exactly (a resumed warm start ends at the same θ as an uninterrupted one).
 
 Cost (measured by bench/diagnostic.py, docs/bench/diagnostic.json "timing"; SmolLM2-135M + LoRA r8 q,v,
-d = 460,800, torch fp32 on 2 CPU cores shared with other jobs): one public gradient takes ≈ 13 s at batch 8 and
-≈ 30 s at batch 16 (texts ≤ 200 / ≤ 400 characters); the QR of a 460,800 × 8 matrix 0.5 s. One subspace build is
-therefore ≈ (k − trajectory) gradients: 93 s at k = 8 / batch 8, ≈ 7.5 min at k = 16 / batch 16 on these cores,
-and each round_step costs one more gradient. On CPU the cloud's gradients, not the QR, set the round's latency.
+d = 460,800, torch fp32 on 2 CPU cores shared with other jobs): one public gradient takes 9–13 s at batch 8 and
+≈ 30 s at batch 16 (texts ≤ 200 / ≤ 400 characters); the QR of a 460,800 × 8 matrix 0.3–0.5 s. One subspace
+build is therefore ≈ (k − trajectory) gradients: 63–93 s at k = 8 / batch 8 (two runs), ≈ 7.5 min at k = 16 /
+batch 16 on these cores, and each round_step costs one more gradient. On CPU the cloud's gradients, not the QR,
+set the round's latency.
 """
 
 from __future__ import annotations

@@ -363,7 +363,7 @@ from bench.convergence import StudyConfig, study_data
 from edge.client import llama_trainer
 from edge.train import peak_rss_mb
 from protocol.spec import AdapterSpec
-from protocol.zo import Guide, Schedule, orthonormal_basis
+from protocol.zo import Guide, Schedule
 from edge.runtime import Runtime, RuntimeConfig
 cfg = StudyConfig(); d = study_data(cfg)["pooled"]
 rt0 = Runtime({gguf!r}, RuntimeConfig(n_ctx=256, n_seq_max=2)); dims = rt0.dims(); rt0.close()
@@ -371,8 +371,7 @@ spec = AdapterSpec("lora", dims, rank=8, alpha=16.0, targets=("q_proj", "v_proj"
 tr, rt = llama_trainer(gguf={gguf!r}, spec=spec, texts=d.texts, labels=d.labels, name="rss", batch=16, q=1,
                        lr=0.05, eps=0.1, threads=2, init_seed=0)
 tr.task.loss(tr.batch(0)); infer = peak_rss_mb()
-rng = np.random.default_rng(0)
-U = orthonormal_basis(list(rng.standard_normal((16, spec.d))))
+U = np.load({basis!r})  # as an edge holds it after decoding the round's guidance: (d, 16) float32
 tr.begin_round(tr.theta.copy(), Schedule(lr=0.05, eps=0.1), 0)
 g = Guide(U, 1.0, None, "subspace")
 for _ in range(10): tr.train_step(g)
@@ -393,12 +392,30 @@ print(json.dumps({{"backprop_peak_rss_mb": peak_rss_mb()}}))
 """
 
 
-def measure_rss(gguf: str) -> dict:
+def edge_dims(gguf: str):
+    """The model's dimensions as the edge runtime reads them from the GGUF."""
+    from edge.runtime import Runtime, RuntimeConfig
+
+    rt = Runtime(gguf, RuntimeConfig(n_ctx=256, n_seq_max=2))
+    try:
+        return rt.dims()
+    finally:
+        rt.close()
+
+
+def measure_rss(gguf: str, out: Path) -> dict:
+    """Peak RSS of an edge running subspace ZO and of torch LoRA backprop, each in a fresh process."""
+    from protocol.spec import AdapterSpec
+    from protocol.zo import orthonormal_basis
+
     root = str(Path(__file__).resolve().parents[1])
+    spec_d = AdapterSpec("lora", edge_dims(gguf), rank=8, alpha=16.0, targets=("q_proj", "v_proj"), train="AB").d
+    basis = out / "rss-basis.npy"  # built here, so the QR's float64 temporaries are not charged to the edge
+    np.save(basis, orthonormal_basis(list(np.random.default_rng(0).standard_normal((16, spec_d)))))
     res = {}
     for code in (RSS_EDGE, RSS_TORCH):
-        p = subprocess.run([sys.executable, "-c", code.format(root=root, gguf=gguf)], capture_output=True, text=True,
-                           check=True)
+        p = subprocess.run([sys.executable, "-c", code.format(root=root, gguf=gguf, basis=str(basis))],
+                           capture_output=True, text=True, check=True)
         res.update(json.loads(p.stdout.strip().splitlines()[-1]))
     res["edge_over_backprop"] = res["train_peak_rss_mb"] / res["backprop_peak_rss_mb"]
     return res
@@ -458,7 +475,7 @@ def main(argv: list[str] | None = None) -> int:
             _write(path, rec)
             print(f"[study] {arm} s{seed} done in {rec['wall_s']} s", flush=True)
     if args.rss:
-        _write(out / "rss.json", measure_rss(gguf))
+        _write(out / "rss.json", measure_rss(gguf, out))
     return 0
 
 

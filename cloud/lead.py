@@ -34,6 +34,7 @@ from typing import Protocol
 
 import numpy as np
 
+from cloud.config import CloudConfig, TrainConfig
 from cloud.data import Slice
 from cloud.guidance import Guidance
 from protocol.zo import Guide, orthonormal_basis
@@ -68,13 +69,14 @@ class LeadConfig:
     trajectory columns are public gradients. ckpt_every: warm-start steps between checkpoints.
     """
 
-    warm_steps: int = 40
-    round_steps: int = 0
-    lr: float = 1e-3
-    batch: int = 16
-    prox: float = 0.0
-    k: int = 16
-    trajectory: int = 1
+    # Defaults are guide.toml's ([cloud] and [train] k), defined once in cloud.config.
+    warm_steps: int = CloudConfig.warm_steps
+    round_steps: int = CloudConfig.round_steps
+    lr: float = CloudConfig.lr
+    batch: int = CloudConfig.batch
+    prox: float = CloudConfig.prox
+    k: int = TrainConfig.k
+    trajectory: int = CloudConfig.trajectory
     ckpt_every: int = 10
     weight_decay: float = 0.0
 

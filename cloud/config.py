@@ -94,6 +94,9 @@ KIND_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+GUIDED_ONLY = frozenset({"lam", "alpha", "guide_batches", "precondition"})  # [train] keys of kind "guided" only
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """What the edges are told: guidance kind, local steps, schedule, perturbations per step q, batch, λ, k.
@@ -231,6 +234,14 @@ class GuideConfig:
             if bad:
                 raise ValueError(f"[{name}]: unknown keys {sorted(bad)}")
             parts[name] = typ(**sect)
+        # Settings that only one guidance kind reads are refused for the other, not silently ignored.
+        train_sect = dict(d.get("train", {}))
+        if parts["train"].kind == "subspace":
+            unused = sorted(set(train_sect) & GUIDED_ONLY)
+            if unused:
+                raise ValueError(f"[train]: {unused} apply to kind = 'guided' only (this guide uses 'subspace')")
+        elif d.get("cloud"):
+            raise ValueError("[cloud] configures the leading cloud of kind = 'subspace'; this guide uses 'guided'")
         clients = dict(d.get("clients", {}))
         tokens = {str(k): str(v) for k, v in dict(clients.get("tokens", {})).items()}
         bad = set(d) - {"server", "rounds", "train", "model", "data", "cloud", "clients"}

@@ -341,7 +341,7 @@ def test_kill9_daemon_keeps_every_acknowledged_upload(tmp_path):
     cfg_path.write_text(
         f'[server]\nport = {port}\nstate_dir = "{tmp_path / "state"}"\nlong_poll_s = 2.0\n'
         f'[rounds]\nrounds = 1\nmin_clients = 4\nmax_clients = 4\ndeadline_s = 6.0\njoin_window_s = 0.2\n'
-        f'[train]\nlocal_steps = 2\nlam = 0.0\n[clients.tokens]\n'
+        f'[train]\nkind = "guided"\nlocal_steps = 2\nlam = 0.0\n[clients.tokens]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
     proc = _spawn(cfg_path, tmp_path / "guide1.log")
 

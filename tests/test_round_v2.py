@@ -219,3 +219,11 @@ def test_guide_serve_with_a_model_warm_starts_and_leads_with_a_subspace(tmp_path
     finally:
         srv.guidance.close()
         srv.store.close()
+
+
+def test_settings_of_the_other_kind_are_refused_not_ignored():
+    with pytest.raises(ValueError, match=r"\['lam'\] apply to kind = 'guided' only"):
+        GuideConfig.from_dict({"train": {"kind": "subspace", "lam": 0.7}})
+    with pytest.raises(ValueError, match=r"\[cloud\] configures the leading cloud"):
+        GuideConfig.from_dict({"train": {"kind": "guided"}, "cloud": {"warm_steps": 5}})
+    assert GuideConfig.from_dict({"train": {"kind": "guided", "lam": 0.7}}).train.lam == 0.7

@@ -9,6 +9,15 @@ Each measurement runs in its own child process (so peak RSS is per workload):
   torch_mezo  fp32 torch (weights dequantized from the GGUF by transformers), same LoRA, MeZO step
   torch_bp    same model, LoRA backprop + AdamW step
 Ratios: zo_step / (2 × forward), zo peak RSS / infer peak RSS, RSS drift over the run, torch_mezo / zo.
+
+FedSPZO activation reuse (edge/split.py), ``--split``: one child times, interleaved in the same process,
+  tail        a block-2 tail pass from captured states at s = L/2 ÷ the full forward, next to the tail's FLOP share
+  split       the split step (P1 = 1, P2 = 4, s = L/2) with reuse ÷ the same step with full forwards
+  frozen      frozen bottom (adapter on layers >= s = 2L/3): a ZO step (q = 1) ÷ the full ZO step on the same
+              layers, "cold" (each batch captured, first epoch) and "warm" (captures reused)
+and two more children give peak RSS with the tail (split step) and without (plain ZO step).
+
+    python bench/edge_step.py --split --model Q4_0.gguf --json docs/bench/edge_step_split_q4_0.json
 """
 
 from __future__ import annotations
@@ -159,7 +168,122 @@ def child_torch_bp(a) -> dict:
     return {"step_s": statistics.median(times[1:]), "step_all_s": times, "padded_tokens": ntok, "peak_rss_mb": peak_rss_mb()}
 
 
-CHILDREN = {"infer": child_infer, "zo": child_zo, "torch_mezo": child_torch_mezo, "torch_bp": child_torch_bp}
+def layer_flops(dims, n_tokens: int, ctx_len: int) -> float:
+    """Forward FLOPs of one decoder layer for ``n_tokens`` tokens of sequences ``ctx_len`` long (mat-muls only)."""
+    h, kv = dims.hidden, dims.n_kv_heads * (dims.head_dim or dims.hidden // dims.n_heads)
+    proj = 2 * (h * h + 2 * h * kv + h * h + 3 * h * dims.intermediate)  # q, k, v, o, gate/up/down
+    attn = 2 * 2 * h * ctx_len  # QKᵀ and AV per token, causal average ~ctx_len/2 each side of the factor 2
+    return float(n_tokens * (proj + attn / 2))
+
+
+def tail_flop_share(dims, n_vocab: int, batch, start: int) -> float:
+    """FLOPs of layers start..L-1 + output head over those of the full forward (label positions only)."""
+    n_tok = sum(len(e.tokens) for e in batch)
+    mean_len = n_tok / len(batch)
+    per_layer = layer_flops(dims, n_tok, int(mean_len))
+    head = 2.0 * dims.hidden * n_vocab * len(batch)  # logits at one position per example
+    return ((dims.n_layers - start) * per_layer + head) / (dims.n_layers * per_layer + head)
+
+
+def _split_setup(a, *, layers=(), split_layer=None, reuse=True, q=1, n_train=None):
+    from edge.runtime import Runtime, RuntimeConfig
+    from edge.tasks import ClassificationTask
+    from edge.train import TrainConfig, Trainer
+    from protocol.spec import AdapterSpec
+
+    rt = Runtime(a.model, RuntimeConfig(n_ctx=2048, n_seq_max=a.batch, n_threads=a.threads))
+    task = ClassificationTask(rt, {"fresh": "positive", "rotten": "negative"})
+    data = [task.encode(r) for r in examples(n_train or a.batch)]
+    spec = AdapterSpec("lora", rt.dims(), rank=8, alpha=16.0, targets=("q_proj", "v_proj"), layers=layers)
+    cfg = TrainConfig(steps=10**6, batch_size=a.batch, lr=1e-3, eps=1e-2, q=q, split_layer=split_layer,
+                      p1=1, p2=4, reuse=reuse)
+    return rt, task, data, Trainer(rt, task, data, spec, cfg)
+
+
+def _interleave(fns: dict, reps: int) -> dict[str, float]:
+    """Median seconds of each callable, run round-robin ``reps`` times (after one warm-up each)."""
+    for f in fns.values():
+        f()
+    times: dict[str, list[float]] = {k: [] for k in fns}
+    for _ in range(reps):
+        for k, f in fns.items():
+            t = time.perf_counter()
+            f()
+            times[k].append(time.perf_counter() - t)
+    return {k: statistics.median(v) for k, v in times.items()}
+
+
+def child_split(a) -> dict:
+    out: dict = {}
+    # tail pass vs full forward, s = L/2
+    rt, task, batch, tr = _split_setup(a, split_layer=None)
+    L = rt.n_layer
+    s = L // 2
+    from edge.split import SplitRunner
+
+    sp = SplitRunner(rt, tr.adapter, s, tr.tensors())
+    states = sp.capture(batch)
+    t = _interleave({"forward": lambda: task.loss(batch),
+                     "tail": lambda: task.loss_from(sp.tail_logits(batch, states, task.cols), batch),
+                     "capture": lambda: sp.capture(batch)}, a.reps)
+    share = tail_flop_share(rt.dims(), rt.n_vocab, batch, s)
+    out["tail"] = {"split_layer": s, "n_layers": L, "forward_s": t["forward"], "tail_s": t["tail"],
+                   "capture_s": t["capture"], "tail_over_forward": t["tail"] / t["forward"],
+                   "capture_over_forward": t["capture"] / t["forward"], "tail_flop_share": share,
+                   "tail_ratio_over_flop_share": t["tail"] / t["forward"] / share}
+    sp.close()
+    tr.close()
+    rt.close()
+    # split step with reuse vs the same step with full forwards (two runtimes: one adapter per context)
+    r1, _, _, reuse = _split_setup(a, split_layer=s, reuse=True)
+    r2, _, _, plain = _split_setup(a, split_layer=s, reuse=False)
+    t = _interleave({"reuse": reuse.train_step, "no_reuse": plain.train_step}, a.reps)
+    out["split"] = {"split_layer": s, "p1": 1, "p2": 4, "step_reuse_s": t["reuse"], "step_no_reuse_s": t["no_reuse"],
+                    "reuse_over_no_reuse": t["reuse"] / t["no_reuse"], "passes_reuse": reuse.passes,
+                    "passes_no_reuse": plain.passes}
+    for x in (reuse, plain):
+        x.close()
+    r1.close()
+    r2.close()
+    # frozen bottom at s = 2L/3 vs the full ZO step on the same adapter layers
+    s3 = (2 * L) // 3
+    layers = tuple(range(s3, L))
+    n_train = a.batch * a.reps  # the first epoch: every batch is new, so every frozen step captures
+    r1, _, _, frozen = _split_setup(a, layers=layers, split_layer=s3, n_train=n_train)
+    r2, _, _, full = _split_setup(a, layers=layers, split_layer=None, n_train=n_train)
+    cold = _interleave({"frozen": frozen.train_step, "full": full.train_step}, a.reps - 1)
+    warm = _interleave({"frozen": frozen.train_step, "full": full.train_step}, a.reps)  # second epoch on
+    out["frozen"] = {"split_layer": s3, "layers": [s3, L - 1],
+                     "cold_step_s": cold["frozen"], "warm_step_s": warm["frozen"], "full_step_s": warm["full"],
+                     "full_step_cold_s": cold["full"], "cold_over_full": cold["frozen"] / cold["full"],
+                     "warm_over_full": warm["frozen"] / warm["full"], "passes_frozen": frozen.passes}
+    for x in (frozen, full):
+        x.close()
+    r1.close()
+    r2.close()
+    return out
+
+
+def child_rss_split(a) -> dict:
+    """Peak RSS of split steps with reuse (base + tail model, capture context) at s = L/2."""
+    rt, _, _, tr = _split_setup(a, split_layer=a.split_at or None)
+    if tr.mode != "split":
+        raise SystemExit("--split-at must split the adapter")
+    for _ in range(a.rss_steps):
+        tr.train_step()
+    return {"peak_rss_mb": peak_rss_mb(), "passes": tr.passes}
+
+
+def child_rss_plain(a) -> dict:
+    """Peak RSS of plain ZO steps (no tail) on the same adapter."""
+    rt, _, _, tr = _split_setup(a, split_layer=None)
+    for _ in range(a.rss_steps):
+        tr.train_step()
+    return {"peak_rss_mb": peak_rss_mb(), "passes": tr.passes}
+
+
+CHILDREN = {"infer": child_infer, "zo": child_zo, "torch_mezo": child_torch_mezo, "torch_bp": child_torch_bp,
+            "split": child_split, "rss_split": child_rss_split, "rss_plain": child_rss_plain}
 
 
 def main() -> None:
@@ -173,6 +297,9 @@ def main() -> None:
     ap.add_argument("--fwd-every", type=int, default=2, help="time a plain forward every N ZO steps (interleaved)")
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--no-torch", action="store_true")
+    ap.add_argument("--split", action="store_true", help="time FedSPZO activation reuse (tail, split, frozen) instead")
+    ap.add_argument("--split-at", type=int, default=15, help="split layer of the RSS children (default 15 = L/2)")
+    ap.add_argument("--rss-steps", type=int, default=20, help="ZO steps of each RSS child")
     ap.add_argument("--json", default=None)
     ap.add_argument("--child", choices=list(CHILDREN), help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -181,9 +308,12 @@ def main() -> None:
         print(json.dumps(CHILDREN[a.child](a)))
         return
     res: dict = {"args": {k: v for k, v in vars(a).items() if k != "child"}}
-    names = ["infer", "zo"] + ([] if a.no_torch else ["torch_mezo", "torch_bp"])
+    if a.split:
+        names = ["split", "rss_split", "rss_plain"] + ([] if a.no_torch else ["torch_mezo"])
+    else:
+        names = ["infer", "zo"] + ([] if a.no_torch else ["torch_mezo", "torch_bp"])
     for name in names:
-        cmd = [sys.executable, __file__, "--child", name] + [x for x in sys.argv[1:] if x != "--no-torch"]
+        cmd = [sys.executable, __file__, "--child", name] + [x for x in sys.argv[1:] if x not in ("--no-torch", "--split")]
         r = subprocess.run(cmd, stdout=subprocess.PIPE, text=True)  # the child's stderr shows progress
         if r.returncode != 0:
             res[name] = {"error": f"exit status {r.returncode} (its stderr is above)"}
@@ -204,6 +334,22 @@ def main() -> None:
         if "step_s" in res.get("torch_mezo", {}):
             res["ratios"]["torch_mezo_over_zo"] = res["torch_mezo"]["step_s"] / zo["step_s"]
         print(json.dumps(res["ratios"], indent=1))
+    if "split" in res and "error" not in res["split"]:
+        sp = res["split"]
+        rows = {"tail_pass_over_forward": sp["tail"]["tail_over_forward"], "tail_flop_share": sp["tail"]["tail_flop_share"],
+                "split_step_reuse_over_no_reuse": sp["split"]["reuse_over_no_reuse"],
+                "frozen_step_over_full_cold": sp["frozen"]["cold_over_full"],
+                "frozen_step_over_full_warm": sp["frozen"]["warm_over_full"]}
+        if "peak_rss_mb" in res.get("rss_split", {}) and "peak_rss_mb" in res.get("rss_plain", {}):
+            rows["peak_rss_tail_over_without"] = res["rss_split"]["peak_rss_mb"] / res["rss_plain"]["peak_rss_mb"]
+        if "step_s" in res.get("torch_mezo", {}):
+            tm = res["torch_mezo"]["step_s"]  # fp32 torch, 2 forwards, the same batch (not the same process)
+            rows["torch_mezo_step_s"] = tm
+            rows["torch_mezo_over_split_step_reuse"] = tm / sp["split"]["step_reuse_s"]
+            rows["torch_mezo_over_frozen_step_warm"] = tm / sp["frozen"]["warm_step_s"]
+            rows["torch_mezo_over_full_zo_step"] = tm / sp["frozen"]["full_step_s"]
+        res["ratios"] = rows
+        print(json.dumps(rows, indent=1))
     if a.json:
         Path(a.json).write_text(json.dumps(res, indent=1))
 

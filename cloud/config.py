@@ -36,6 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from protocol.constants import SPLIT_P1, SPLIT_P2
+
 if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
@@ -122,6 +124,9 @@ class TrainConfig:
     precondition: str = "none"  # guided only: "adam" preconditions the public gradients (cloud.guidance)
     guided: bool = True  # False: no guidance at all (plain federated MeZO)
     edge_weight: float = 1.0
+    split_layer: int = -1  # FedSPZO split at this layer (-1: none); all adapter layers >= it: frozen bottom
+    p1: int = SPLIT_P1  # split: block-1 perturbations per step
+    p2: int = SPLIT_P2  # split: block-2 perturbations per block-1 one
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_DEFAULTS:
@@ -144,6 +149,9 @@ class TrainConfig:
             raise ValueError("need lr >= 0 and eps > 0")
         if self.precondition not in ("none", "adam"):
             raise ValueError(f"precondition must be 'none' or 'adam', got {self.precondition!r}")
+        if self.split_layer < -1 or self.split_layer == 0 or self.p1 < 1 or self.p2 < 1:
+            raise ValueError(f"split_layer must be -1 (none) or a layer >= 1, p1 and p2 >= 1; got "
+                             f"{self.split_layer}, {self.p1}, {self.p2}")
         if not 0.0 <= self.edge_weight <= 4.0:
             raise ValueError(f"edge_weight must be in [0, 4], got {self.edge_weight}")
 

@@ -135,6 +135,22 @@ class _Refuse(Exception):
         self.code = code
 
 
+def check_split(tc, spec: AdapterSpec) -> None:
+    """[train] split_layer against the adapter: in range, block 2 not empty, and no split step (adapter layers
+    on both sides) under subspace guidance (the subspace step is a plain one; frozen bottom is fine)."""
+    s = tc.split_layer
+    if s < 0:
+        return
+    if s >= spec.dims.n_layers:
+        raise ValueError(f"[train] split_layer {s} is out of range for a {spec.dims.n_layers}-layer model")
+    off = spec.layer_offset(s)
+    if off == spec.d:
+        raise ValueError(f"[train] split_layer {s} is above every adapter layer {list(spec.layers)}")
+    if off > 0 and tc.subspace:
+        raise ValueError(f"[train] split_layer {s} splits the adapter, which kind 'subspace' cannot use: pick kind "
+                         f"'guided', or a split_layer <= {min(spec.layers)} (frozen bottom)")
+
+
 class GuideServer:
     """One guide: rounds, clients and durable state. ``await start()``, then ``await wait_closed()``."""
 
@@ -142,6 +158,7 @@ class GuideServer:
                  log: Callable[..., None] | None = None) -> None:
         if np.asarray(theta0).shape != (spec.d,):
             raise ValueError(f"θ0 has shape {np.asarray(theta0).shape}, spec has d={spec.d}")
+        check_split(config.train, spec)
         self.cfg, self.spec, self.guidance = config, spec, guidance
         self.log = log or JsonLog(config.server.log_file)
         self.theta = np.array(theta0, np.float32, copy=True)
@@ -350,7 +367,7 @@ class GuideServer:
                 theta_digest=theta_digest(p.theta), guidance=None if by_ref else wire_g,
                 guidance_id=wire_g.guide_id if wire_g is not None else "", lam=p.lam if p.lam >= 0 else "online",
                 hyper=Hyper(schedule=p.schedule, q=tc.q, local_steps=p.local_steps, batch_size=tc.batch,
-                            first_step=p.first_step),
+                            first_step=p.first_step, split_layer=tc.split_layer, p1=tc.p1, p2=tc.p2),
                 deadline=self.deadline)
             self._round_frames[by_ref] = encode(msg)
             g_bytes = 0 if wire_g is None or by_ref else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)

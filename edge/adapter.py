@@ -156,7 +156,7 @@ def _find_lora_buffers(rt: Runtime, adapter) -> dict[str, tuple[int, tuple[int, 
         adapters = (llama_cpp.llama_adapter_lora_p_ctypes * 1)(adapter)
         scales = (ctypes.c_float * 1)(1.0)
         llama_cpp.llama_set_adapters_lora(ctx, adapters, 1, scales)
-        rt.logits([rt.bos() or [0]], [[0]], cols=[0], ctx=ctx)
+        rt.logits([rt.bos() or [0]], [[0]], cols=[0], ctx=ctx, kind="discovery")
         llama_cpp.llama_set_adapters_lora(ctx, None, 0, None)
     finally:
         llama_cpp.llama_free(ctx)

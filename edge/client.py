@@ -165,15 +165,16 @@ class EdgeTrainerAdapter:
     def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
                     local_steps: int, first_step: int, hyper: dict) -> RoundResult:
         tr = self.trainer
-        tr.begin_round(theta, schedule, first_step)
+        tr.begin_round(theta, schedule, first_step, hyper)
+        before = sum(tr.passes.values())
         losses: list[float] = []
         steps = []
         for _ in range(local_steps):
             rec, info = tr.train_step(guide, lam)
             steps.append(rec)
             losses.append(info.loss)
-        passes = 2 * sum(r.n_perturbations for r in steps)
-        return RoundResult(steps=steps, examples=local_steps * tr.cfg.batch_size,
+        passes = sum(tr.passes.values()) - before  # decodes llama.cpp ran (full, capture and tail passes)
+        return RoundResult(steps=steps, examples=local_steps * tr.batch_size,
                            loss_before=float(losses[0]), loss_after=float(losses[-1]),
                            theta=tr.theta.copy(), forward_passes=passes)
 
@@ -384,7 +385,8 @@ class EdgeClient:
         t0 = time.perf_counter()
         res: RoundResult = await asyncio.get_running_loop().run_in_executor(None, lambda: self.trainer.train_round(
             theta=theta, guide=guide, schedule=h.schedule, lam=rs.lam, local_steps=h.local_steps,
-            first_step=h.first_step, hyper={"q": h.q, "batch": h.batch_size, "seed_base": h.seed_base}))
+            first_step=h.first_step, hyper={"q": h.q, "batch": h.batch_size, "seed_base": h.seed_base,
+                   "split_layer": h.split_layer, "p1": h.p1, "p2": h.p2}))
         train_s = time.perf_counter() - t0
         self.theta, self.last_round = res.theta, rid
         self.summary.forward_passes += res.forward_passes

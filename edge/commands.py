@@ -10,6 +10,7 @@ from pathlib import Path
 
 from edge.calibration import Calibration, CalibrationError, calibration_path, metrics_with_calibration
 from edge.client import add_guide_args, run_guided
+from protocol.constants import SPLIT_P1, SPLIT_P2
 from protocol.spec import LORA_TARGETS, AdapterSpec
 
 DEFAULT_LABEL_WORDS = "positive=positive,negative=negative"
@@ -72,9 +73,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--momentum", type=float, default=0.0)
     t.add_argument("--warmup", type=int, default=0)
     t.add_argument("--decay", choices=["constant", "cosine", "linear"], default="linear")
-    t.add_argument("--split-layer", type=int, default=None, help="split perturbation: block 2 starts here")
-    t.add_argument("--p1", type=int, default=1)
-    t.add_argument("--p2", type=int, default=2)
+    t.add_argument("--split-layer", type=int, default=None,
+                   help="FedSPZO split at layer S: block-2 passes run only layers >= S from captured states; "
+                        "with every --layers >= S, frozen bottom (layers < S run once per example)")
+    t.add_argument("--p1", type=int, default=SPLIT_P1, help="split: block-1 perturbations per step")
+    t.add_argument("--p2", type=int, default=SPLIT_P2, help="split: block-2 perturbations per block-1 one")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--no-progress", action="store_true")
     t.add_argument("--log", default=None, help="write the per-step history as JSON here")

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import ctypes
 import os
-from collections.abc import Sequence
+from collections import Counter
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,6 +69,39 @@ def check_gguf(path: str | os.PathLike, what: str = "model") -> Path:
     return p
 
 
+MADV_DONTNEED = 4  # linux/mman.h
+
+
+def drop_file_pages(path: str | os.PathLike) -> int:
+    """Drop this process's resident pages of the read-only mappings of ``path``; bytes advised (0 if none).
+
+    llama.cpp mmaps the GGUF and, on CPUs with repacked kernels (REPACK in the system info), copies most weights
+    into repacked buffers at load: the mapped file pages it read stay resident, a second copy of the weights
+    (SmolLM2 Q4_0: +56 MB). MADV_DONTNEED on a read-only shared file mapping only unmaps them; the tensors still
+    read from the mapping (token embeddings, norms) fault back in from the page cache, unchanged.
+    """
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        madvise = libc.madvise
+    except (OSError, AttributeError):  # not Linux / no libc symbol: nothing to do
+        return 0
+    madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+    target = os.path.realpath(path)
+    done = 0
+    try:
+        with open("/proc/self/maps", encoding="utf-8", errors="replace") as f:
+            maps = f.read().splitlines()
+    except OSError:
+        return 0
+    for line in maps:
+        parts = line.split(maxsplit=5)
+        if len(parts) == 6 and parts[5] == target and parts[1].startswith("r-") and "w" not in parts[1]:
+            lo, hi = (int(x, 16) for x in parts[0].split("-"))
+            if madvise(lo, hi - lo, MADV_DONTNEED) == 0:
+                done += hi - lo
+    return done
+
+
 def default_threads() -> int:
     """Cores this process may run on (os.cpu_count() can report the host's, not the container's)."""
     try:
@@ -97,14 +131,26 @@ class Runtime:
         self.model = llama_cpp.llama_model_load_from_file(str(self.path).encode(), safe_model_params())
         if not self.model:
             raise RuntimeErrorEZ(f"llama.cpp could not load model {self.path} (corrupt or unsupported GGUF)")
+        drop_file_pages(self.path)  # weights copied into repacked buffers need not stay resident twice
         self.vocab = llama_cpp.llama_model_get_vocab(self.model)
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.n_layer = int(llama_cpp.llama_model_n_layer(self.model))
         self.n_embd = int(llama_cpp.llama_model_n_embd(self.model))
         self.arch = self.meta("general.architecture") or ""
-        self.ctx = self.new_context()
+        # The main context always has an eval callback, so a capture (edge/split.py) can read a layer's output
+        # and stop the graph there on this very context (a second context would cost its own KV cache).
+        # With no hook set it answers "not needed" for every node: the graph runs as one piece, as without one.
+        self.eval_hook = None
+        self._cb = llama_cpp.ggml_backend_sched_eval_callback(self._on_eval)  # keep a reference: C holds it
+        self.ctx = self.new_context(self._cb)
         self._batch = llama_cpp.llama_batch_init(self.config.n_ctx, 0, 1)
+        self._embd_batch = None  # a batch of hidden states (llama_batch.embd), made on first use
+        self.passes: Counter[str] = Counter()  # llama_decode calls by kind: "forward" (tokens), "embd" (states)
         self._closed = False
+
+    def _on_eval(self, t: int, ask: bool, user_data: int) -> bool:  # pragma: no cover - called from C
+        hook = self.eval_hook
+        return False if hook is None else hook(t, ask)
 
     # ---- model facts ------------------------------------------------------------------------------
     def meta(self, key: str) -> str | None:
@@ -184,35 +230,71 @@ class Runtime:
         want: Sequence[Sequence[int]],
         cols: Sequence[int] | None = None,
         ctx=None,
+        kind: str = "forward",
     ) -> np.ndarray:
         """Logits (n_out, n_vocab or len(cols)) float32 at positions ``want[i]`` of ``seqs[i]``, in order.
 
         All sequences go into one decode (split into several only when they exceed n_ctx / n_seq_max).
+        ``kind`` names the decodes in :attr:`passes`.
         """
         ctx = ctx or self.ctx
-        out: list[np.ndarray] = []
-        i = 0
-        n = len(seqs)
-        while i < n:
-            j, tot = i, 0
-            while j < n and j - i < self.config.n_seq_max and tot + len(seqs[j]) <= self.config.n_ctx:
-                tot += len(seqs[j])
-                j += 1
-            if j == i:
-                raise RuntimeErrorEZ(f"sequence of {len(seqs[i])} tokens exceeds n_ctx={self.config.n_ctx}")
-            out.append(self._decode(seqs[i:j], want[i:j], cols, ctx))
-            i = j
+        out = [self._decode(seqs[i:j], want[i:j], cols, ctx, kind) for i, j in self.chunks([len(x) for x in seqs])]
         width = self.n_vocab if cols is None else len(cols)
         return np.concatenate(out, axis=0) if out else np.zeros((0, width), np.float32)
 
-    def _decode(self, seqs, want, cols, ctx) -> np.ndarray:
+    def chunks(self, lengths: Sequence[int]) -> Iterator[tuple[int, int]]:
+        """Ranges [i, j) of sequences that fit one decode (n_ctx tokens, n_seq_max sequences)."""
+        i, n = 0, len(lengths)
+        while i < n:
+            j, tot = i, 0
+            while j < n and j - i < self.config.n_seq_max and tot + lengths[j] <= self.config.n_ctx:
+                tot += lengths[j]
+                j += 1
+            if j == i:
+                raise RuntimeErrorEZ(f"sequence of {lengths[i]} tokens exceeds n_ctx={self.config.n_ctx}")
+            yield i, j
+            i = j
+
+    def logits_embd(
+        self,
+        states: Sequence[np.ndarray],
+        want: Sequence[Sequence[int]],
+        cols: Sequence[int] | None = None,
+    ) -> np.ndarray:
+        """Like :meth:`logits`, but each sequence is given as hidden states (n_tokens_i, n_embd) float32 fed
+        through ``llama_batch.embd`` at positions 0..n_tokens_i-1 (a tail model's input, edge/split.py)."""
+        for h in states:
+            if h.ndim != 2 or h.shape[1] != self.n_embd:
+                raise RuntimeErrorEZ(f"hidden states of shape {h.shape} do not fit n_embd={self.n_embd}")
+        if self._embd_batch is None:
+            self._embd_batch = llama_cpp.llama_batch_init(self.config.n_ctx, self.n_embd, 1)
+        out = []
+        for i, j in self.chunks([len(h) for h in states]):
+            b = self._embd_batch
+            embd = np.ctypeslib.as_array(b.embd, shape=(self.config.n_ctx, self.n_embd))
+            flat = np.concatenate(states[i:j], axis=0)  # (n_tokens, n_embd)
+            embd[: len(flat)] = flat
+            out.append(self._decode_batch(b, [range(len(h)) for h in states[i:j]], want[i:j], cols, self.ctx, "embd"))
+        width = self.n_vocab if cols is None else len(cols)
+        return np.concatenate(out, axis=0) if out else np.zeros((0, width), np.float32)
+
+    def _decode(self, seqs, want, cols, ctx, kind: str) -> np.ndarray:
         b = self._batch
         k = 0
-        n_out = 0
-        for s, (toks, pos_want) in enumerate(zip(seqs, want, strict=False)):
-            wanted = set(pos_want)
-            for p, t in enumerate(toks):
+        for toks in seqs:
+            for t in toks:
                 b.token[k] = t
+                k += 1
+        return self._decode_batch(b, [range(len(t)) for t in seqs], want, cols, ctx, kind)
+
+    def _decode_batch(self, b, positions, want, cols, ctx, kind: str) -> np.ndarray:
+        """Fill positions/sequence ids/output flags of ``b`` (tokens or embd already set), clear the KV cache,
+        decode once; the logits at the wanted positions."""
+        k = 0
+        n_out = 0
+        for s, (pos, pos_want) in enumerate(zip(positions, want, strict=True)):
+            wanted = set(pos_want)
+            for p in pos:
                 b.pos[k] = p
                 b.n_seq_id[k] = 1
                 b.seq_id[k][0] = s
@@ -223,8 +305,11 @@ class Runtime:
         b.n_tokens = k
         llama_cpp.llama_memory_clear(llama_cpp.llama_get_memory(ctx), False)
         rc = llama_cpp.llama_decode(ctx, b)
+        self.passes[kind] += 1
         if rc != 0:
             raise RuntimeErrorEZ(f"llama_decode failed with code {rc}")
+        if n_out == 0:
+            return np.zeros((0, self.n_vocab if cols is None else len(cols)), np.float32)
         ptr = llama_cpp.llama_get_logits(ctx)
         arr = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))  # a view into llama.cpp's buffer
         if cols is not None:
@@ -237,6 +322,8 @@ class Runtime:
             return
         self._closed = True
         llama_cpp.llama_batch_free(self._batch)
+        if self._embd_batch is not None:
+            llama_cpp.llama_batch_free(self._embd_batch)
         llama_cpp.llama_free(self.ctx)
         llama_cpp.llama_model_free(self.model)
 

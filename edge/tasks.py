@@ -75,7 +75,10 @@ class ClassificationTask:
         return self.rt.logits([e.tokens for e in batch], [e.want for e in batch], cols=self.cols)
 
     def loss(self, batch: Sequence[Encoded]) -> float:
-        s = self.scores(batch)  # (n, K)
+        return self.loss_from(self.scores(batch), batch)
+
+    def loss_from(self, s: np.ndarray, batch: Sequence[Encoded]) -> float:
+        """The loss from logits at ``want`` restricted to ``cols`` (n, K): how a tail pass's output is scored."""
         y = np.array([e.targets[0] for e in batch])
         return float(-_log_softmax(s)[np.arange(len(batch)), y].mean())
 
@@ -133,13 +136,20 @@ class GenerationTask:
         want = tuple(range(len(prompt) - 1, len(toks) - 1))
         return Encoded(tuple(toks), want, tuple(completion))
 
-    def _token_nll(self, batch: Sequence[Encoded]) -> np.ndarray:
-        logits = self.rt.logits([e.tokens for e in batch], [e.want for e in batch])  # (sum targets, V)
+    cols = None  # the loss needs the full vocabulary
+
+    def _token_nll(self, batch: Sequence[Encoded], logits: np.ndarray | None = None) -> np.ndarray:
+        if logits is None:
+            logits = self.rt.logits([e.tokens for e in batch], [e.want for e in batch])  # (sum targets, V)
         tgt = np.array([t for e in batch for t in e.targets])
         return -_log_softmax(logits)[np.arange(len(tgt)), tgt]
 
     def loss(self, batch: Sequence[Encoded]) -> float:
         return float(self._token_nll(batch).mean())
+
+    def loss_from(self, logits: np.ndarray, batch: Sequence[Encoded]) -> float:
+        """The loss from logits at ``want`` (sum targets, V): how a tail pass's output is scored."""
+        return float(self._token_nll(batch, logits).mean())
 
     def evaluate(self, batches: Sequence[Sequence[Encoded]]) -> dict[str, float]:
         nll = np.concatenate([self._token_nll(b) for b in batches])

@@ -20,12 +20,15 @@ import numpy as np
 from edge.adapter import make_adapter, write_adapter_gguf, write_control_gguf
 from edge.data import batch_indices
 from edge.runtime import Runtime
+from edge.split import SplitRunner
 from edge.tasks import Encoded
 from edge.zo import StepInfo, ZOConfig, step_seeds, zo_measure
+from protocol.constants import SPLIT_P1, SPLIT_P2
 from protocol.spec import AdapterSpec
 from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
 
 CKPT_VERSION = 1
+CAPTURE_CACHE_MB = 512  # frozen bottom: captured states kept per example (SmolLM2, 45 tokens: ~0.1 MB each)
 
 
 def peak_rss_mb() -> float:
@@ -58,10 +61,11 @@ class TrainConfig:
     decay: str = "constant"
     q: int = 1
     split_layer: int | None = None
-    p1: int = 1
-    p2: int = 2
+    p1: int = SPLIT_P1
+    p2: int = SPLIT_P2
     lam: float | str = 0.0
     init_b_std: float = 0.0  # 0: B = 0 (PEFT init); >0 only for tests (non-zero B so A gets gradient)
+    reuse: bool = True  # with split_layer: tail passes reuse captured states (False: every pass a full forward)
 
     def schedule(self) -> Schedule:
         return Schedule(lr=self.lr, eps=self.eps, momentum=self.momentum, warmup=self.warmup, decay=self.decay, total_steps=self.steps)
@@ -94,24 +98,95 @@ class Trainer:
         self.theta = spec.flatten(tensors)  # (d,) float32
         self.velocity = np.zeros_like(self.theta) if self.schedule.momentum else None
         self.step = 0
-        split = None if cfg.split_layer is None else spec.layer_offset(cfg.split_layer)
-        self.zo_cfg = ZOConfig(q=cfg.q, split=split, p1=cfg.p1, p2=cfg.p2, lam=cfg.lam)
         self.adapter = make_adapter(rt, spec, tensors)
         self.rejected = 0
         self.subspace: SubspaceState | None = None  # c-space state of the current subspace round
+        self.batch_size, self.seed_base = cfg.batch_size, 0
+        self._splitters: dict[int, SplitRunner] = {}
+        self._states: dict[tuple[int, ...], np.ndarray] = {}  # frozen-bottom: captured states per example
+        self._states_bytes = 0
+        self.set_shape(q=cfg.q, split_layer=cfg.split_layer, p1=cfg.p1, p2=cfg.p2)
+
+    def set_shape(self, *, q: int, split_layer: int | None, p1: int, p2: int) -> None:
+        """The step's perturbation schedule: plain (q), split at a layer (p1, p2), or frozen-bottom.
+
+        ``split_layer`` s with adapter layers on both sides: FedSPZO's split step (edge.zo._measure_split),
+        block-2 passes run only the tail when ``cfg.reuse``. Every adapter layer >= s: *frozen bottom*, the
+        plain q-schedule with layers < s run once per example (captured, cached) and every ZO pass only the tail.
+        """
+        spec = self.spec
+        if split_layer != getattr(self, "split_layer", None):
+            self._states.clear()  # captures belong to one split layer
+            self._states_bytes = 0
+        self.split_layer = split_layer
+        self.mode, self.splitter = "full", None
+        split = None
+        if split_layer is not None:
+            if not 0 < split_layer < spec.dims.n_layers:
+                raise ValueError(f"split layer must be in 1..{spec.dims.n_layers - 1}, got {split_layer}")
+            split = spec.layer_offset(split_layer)
+            if split == spec.d:
+                raise ValueError(f"split layer {split_layer} is above every adapter layer {spec.layers}: block 2 would be empty")
+            if self.cfg.reuse:
+                if split_layer not in self._splitters:
+                    self._splitters[split_layer] = SplitRunner(self.rt, self.adapter, split_layer, self.spec.unflatten(self.theta, self.frozen))
+                self.splitter = self._splitters[split_layer]
+                self.mode = "frozen" if split == 0 else "split"
+            if split == 0:
+                split = None  # frozen bottom: all of θ is block 2, the plain schedule runs on the tail
+        self.zo_cfg = ZOConfig(q=q, split=split, p1=p1, p2=p2, lam=self.cfg.lam)
+
+    @property
+    def passes(self) -> dict[str, int]:
+        """llama.cpp decodes this trainer ran, counted by the runtimes: full forwards, captures, tail passes."""
+        out = {"forward": self.rt.passes["forward"], "capture": self.rt.passes["capture"], "tail": 0}
+        out["tail"] = sum(sp.tail.passes["embd"] for sp in self._splitters.values())
+        return out
 
     def _trainable(self, name: str) -> bool:
         return any(i.gguf_name == name and i.trainable for i in self.spec.tensors)
 
     # ---- one step -----------------------------------------------------------------------------------
     def batch(self, step: int) -> list[Encoded]:
-        idx = batch_indices(len(self.train_set), self.cfg.batch_size, step, self.cfg.seed)
+        idx = batch_indices(len(self.train_set), self.batch_size, step, self.cfg.seed)
         return [self.train_set[i] for i in idx]
 
     def loss_at(self, theta: np.ndarray, batch: list[Encoded]) -> float:
-        """Loss of ``batch`` with θ written in place into llama.cpp's adapter."""
+        """Loss of ``batch`` with θ written in place into llama.cpp's adapter (frozen bottom: the tail's)."""
+        if self.mode == "frozen":
+            return self._tail_loss(self._frozen_states(batch), theta, batch)
         self.adapter.write(theta)
         return self.task.loss(batch)
+
+    def _tail_loss(self, states: list[np.ndarray], theta_tail: np.ndarray, batch: list[Encoded]) -> float:
+        self.splitter.write_tail(theta_tail)
+        return self.task.loss_from(self.splitter.tail_logits(batch, states, self.task.cols), batch)
+
+    def _frozen_states(self, batch: list[Encoded]) -> list[np.ndarray]:
+        """States after layer s-1 per example; layers < s hold no adapter, so they are captured once and kept
+        (up to CAPTURE_CACHE_MB, then the oldest are dropped and captured again when needed)."""
+        missing = [e for e in batch if e.tokens not in self._states]
+        if missing:
+            for e, h in zip(missing, self.splitter.capture(missing), strict=True):
+                self._states[e.tokens] = h
+                self._states_bytes += h.nbytes
+            while self._states_bytes > CAPTURE_CACHE_MB * 2**20 and len(self._states) > len(batch):
+                old = next(iter(self._states))
+                self._states_bytes -= self._states.pop(old).nbytes
+        return [self._states[e.tokens] for e in batch]
+
+    def _head_tail(self, batch: list[Encoded]):
+        """(head, tail) for a split step with reuse: the head captures at θ1, the tail runs from the capture."""
+        split, theta = self.zo_cfg.split, self.theta
+
+        def head(t1: np.ndarray) -> list[np.ndarray]:
+            self.adapter.write(np.concatenate([t1, theta[split:]]))  # block 2's values are never reached
+            return self.splitter.capture(batch)
+
+        def tail(states: list[np.ndarray], t2: np.ndarray) -> float:
+            return self._tail_loss(states, t2, batch)
+
+        return head, tail
 
     def train_step(self, guide: Guide | None = None, lam: float | str | None = None) -> tuple[StepRecord, StepInfo]:
         """Measure one ZO step on this step's mini-batch, apply it (protocol.zo.apply_step), advance."""
@@ -126,8 +201,10 @@ class Trainer:
             if self.subspace is None or self.subspace.guide is not guide:
                 self.subspace = SubspaceState(self.theta, guide)
         n_seeds = cfg.q if cfg.split is None else cfg.p1 * (1 + cfg.p2)
-        seeds = step_seeds(self.cfg.seed, t, n_seeds)
-        record, info = zo_measure(lambda th: self.loss_at(th, batch), self.theta, self.schedule.eps_at(t), seeds, cfg, guide)
+        seeds = step_seeds(self.seed_base or self.cfg.seed, t, n_seeds)
+        head_tail = self._head_tail(batch) if self.mode == "split" and cfg.split is not None else None
+        record, info = zo_measure(lambda th: self.loss_at(th, batch), self.theta, self.schedule.eps_at(t), seeds, cfg,
+                                  guide, head_tail)
         self.rejected += info.rejected
         if sub:
             # ε·U·u moves θ along the subspace: L± measured at θ ± ε U u = θ_t + U(c ± ε u).
@@ -153,8 +230,19 @@ class Trainer:
             self.step = int(step)
         self.adapter.write(self.theta)
 
-    def begin_round(self, theta: np.ndarray, schedule: Schedule, first_step: int) -> None:
-        """Start a federated round: θ_t, the round's schedule and its global step index (what replay uses)."""
+    def begin_round(self, theta: np.ndarray, schedule: Schedule, first_step: int, hyper: dict | None = None) -> None:
+        """Start a federated round: θ_t, the round's schedule and its global step index (what replay uses).
+
+        ``hyper`` (the round's ``Hyper``): q, batch, seed_base and the split (split_layer < 0: none; p1, p2)
+        replace this trainer's own settings for the round; a key left out keeps the trainer's value.
+        """
+        if hyper:
+            split = hyper.get("split_layer", self.cfg.split_layer)
+            split = None if split is None or split < 0 else int(split)
+            self.set_shape(q=int(hyper.get("q") or self.zo_cfg.q), split_layer=split,
+                           p1=int(hyper.get("p1") or self.cfg.p1), p2=int(hyper.get("p2") or self.cfg.p2))
+            self.batch_size = int(hyper.get("batch") or self.batch_size)
+            self.seed_base = int(hyper.get("seed_base") or 0)
         self.schedule = schedule
         self.velocity = np.zeros_like(self.theta) if schedule.momentum else None
         self.set_theta(theta, first_step)
@@ -218,6 +306,9 @@ class Trainer:
         return meta
 
     def close(self) -> None:
+        for sp in self._splitters.values():
+            sp.close()
+        self._splitters.clear()
         self.adapter.close()
 
 

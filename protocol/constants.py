@@ -125,3 +125,7 @@ MAX_SPEC_RANK = 4096
 MAX_ID_LEN = 128
 MAX_TEXT_LEN = 4096
 MAX_GUIDE_IDS = 8  # guidance ids a client may list as held (RoundRequest.guide_ids)
+
+# ---- FedSPZO split (DESIGN.md, "Split perturbation") ------------------------------------------------------
+SPLIT_P1 = 1  # block-1 perturbations per step
+SPLIT_P2 = 4  # block-2 perturbations per block-1 one (P2 > P1: block-2 passes are the cheap ones with reuse)

@@ -33,6 +33,14 @@ def smollm2_gguf() -> Path:
 
 
 @pytest.fixture(scope="session")
+def smollm2_q4_0(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
+    """The packaged SmolLM2 converted to Q4_0 (edge.models.fast_model), once per test session."""
+    from edge.models import fast_model
+
+    return fast_model(smollm2_gguf, "q4_0", tmp_path_factory.mktemp("smollm2_q4_0"))
+
+
+@pytest.fixture(scope="session")
 def tokenizer_dir(tmp_path_factory: pytest.TempPathFactory, smollm2_gguf: Path) -> Path:
     """The real SmolLM2 tokenizer (tokenizer.json etc.), extracted offline from the packaged GGUF."""
     from transformers import AutoTokenizer

@@ -116,7 +116,8 @@ def test_edge_steps_replay_exactly(tiny):
     basis = orthonormal_basis([rng.standard_normal(spec.d) for _ in range(3)])
     guide = Guide(basis, 0.5, (1e-3 * rng.standard_normal(spec.d)).astype(np.float32))
     for split, g, lam in [(None, None, 0.0), (None, guide, 0.3), (1, guide, "online"), (1, None, 0.0)]:
-        cfg = TrainConfig(steps=3, batch_size=2, seed=5, lr=1e-3, eps=1e-2, momentum=0.9, q=2, split_layer=split, lam=lam)
+        cfg = TrainConfig(steps=3, batch_size=2, seed=5, lr=1e-3, eps=1e-2, momentum=0.9, q=2, split_layer=split, lam=lam,
+                          p2=2)
         tr = Trainer(rt, task, batch, spec, cfg, tensors=nonzero_adapter(spec, 3))
         theta0 = tr.theta.copy()
         records: list[StepRecord] = []

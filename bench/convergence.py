@@ -69,6 +69,8 @@ class StudyConfig:
     cloud_max_steps: int = 80
     backprop_steps: int = 40
     k: int = 16
+    layers: tuple[int, ...] = ()  # LoRA layers (default all); with split_layer <= min(layers): frozen bottom
+    split_layer: int | None = None  # the edge's FedSPZO split (frozen bottom when no adapter layer is below it)
     quant: str = "q4_0"
     threads: int = 2
     data_seed: int = 0
@@ -127,7 +129,7 @@ def cloud_scorer(cfg: StudyConfig, seed: int):
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(seed)
     model, tok = load_base(smollm2_path())
-    spec = spec_for(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj"), layers=(), train="AB")
+    spec = spec_for(model, rank=8, alpha=16.0, targets=("q_proj", "v_proj"), layers=cfg.layers, train="AB")
     lora = LoRAModel(model=model, spec=spec, init_seed=seed)
     return spec, lora.get_theta(), TorchScorer(lora=lora, tokenizer=tok, task=ClassificationTask())
 
@@ -139,7 +141,8 @@ def edge_trainers(gguf: str, spec, slices: dict, cfg: StudyConfig, seed: int) ->
     out = {}
     for name, sl in slices.items():
         tr, rt = llama_trainer(gguf=gguf, spec=spec, texts=sl.texts, labels=sl.labels, name=f"s{seed}-{name}",
-                               batch=cfg.batch, q=1, lr=0.0, eps=1e-3, threads=cfg.threads, init_seed=seed)
+                               batch=cfg.batch, q=1, lr=0.0, eps=1e-3, threads=cfg.threads, init_seed=seed,
+                               split_layer=cfg.split_layer)
         out[name] = (EdgeTrainerAdapter(trainer=tr), rt)
     return out
 
@@ -177,7 +180,8 @@ def cloud_theta0(cfg: StudyConfig, seed: int, out: Path, scorer, theta_init: np.
     """AdamW on public data in chunks while public-validation loss improves (cached in OUT per seed)."""
     from cloud.lead import CloudLead, LeadConfig
 
-    path = out / f"cloud-s{seed}.npz"
+    layers = f"-L{min(cfg.layers)}-{max(cfg.layers)}" if cfg.layers else ""  # θ_0 is per adapter spec
+    path = out / f"cloud-s{seed}{layers}.npz"
     if path.exists():
         with np.load(path) as z:
             return z["theta"].copy(), json.loads(bytes(z["meta"]).decode())
@@ -441,6 +445,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--cloud-max-steps", type=int, default=None,
                     help="cap on the cloud's early-stopped AdamW steps (default 80; 0: θ_0 = θ_init, a smoke run)")
     ap.add_argument("--rss", action="store_true", help="also measure edge vs backprop peak RSS (OUT/rss.json)")
+    ap.add_argument("--layers", default=None, help="LoRA layers as FIRST-LAST (default: all)")
+    ap.add_argument("--split-layer", type=int, default=None,
+                    help="the edges' split layer; with --layers all >= it: frozen bottom (edge/split.py)")
+    ap.add_argument("--tag", default="", help="suffix of the arms' JSON names (e.g. frozen20), for variants")
     args = ap.parse_args(argv)
     arms = [a for a in args.arms.split(",") if a]
     bad = [a for a in arms if a not in ARMS]
@@ -458,14 +466,24 @@ def main(argv: list[str] | None = None) -> int:
             over[name] = getattr(args, name)
     if args.cloud_max_steps is not None:
         over["cloud_max_steps"] = args.cloud_max_steps
+    if args.layers:
+        try:
+            lo, hi = (int(x) for x in args.layers.split("-"))
+        except ValueError:
+            ap.error(f"--layers must be FIRST-LAST, got {args.layers!r}")
+        over["layers"] = tuple(range(lo, hi + 1))
+    if args.split_layer is not None:
+        over["split_layer"] = args.split_layer
+    if (args.layers or args.split_layer is not None) and not args.tag:
+        ap.error("--layers / --split-layer make a variant: name it with --tag")
     cfg = StudyConfig(**over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     gguf = edge_gguf(cfg, out)
-    _write(out / "config.json", asdict(cfg))
+    _write(out / (f"config-{args.tag}.json" if args.tag else "config.json"), asdict(cfg))
     for seed in seeds:
         for arm in arms:
-            path = out / f"{arm}-s{seed}.json"
+            path = out / f"{arm}{'-' + args.tag if args.tag else ''}-s{seed}.json"
             if path.exists():
                 print(f"[study] {path} exists, skipped", flush=True)
                 continue

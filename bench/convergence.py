@@ -364,16 +364,19 @@ RSS_EDGE = """
 import json, sys, numpy as np
 sys.path.insert(0, {root!r})
 from bench.convergence import StudyConfig, study_data
-from edge.client import llama_trainer
-from edge.train import peak_rss_mb
+from edge.data import Row
+from edge.runtime import Runtime, RuntimeConfig
+from edge.tasks import ClassificationTask
+from edge.train import TrainConfig, Trainer, peak_rss_mb
 from protocol.spec import AdapterSpec
 from protocol.zo import Guide, Schedule
-from edge.runtime import Runtime, RuntimeConfig
 cfg = StudyConfig(); d = study_data(cfg)["pooled"]
-rt0 = Runtime({gguf!r}, RuntimeConfig(n_ctx=256, n_seq_max=2)); dims = rt0.dims(); rt0.close()
-spec = AdapterSpec("lora", dims, rank=8, alpha=16.0, targets=("q_proj", "v_proj"), train="AB")
-tr, rt = llama_trainer(gguf={gguf!r}, spec=spec, texts=d.texts, labels=d.labels, name="rss", batch=16, q=1,
-                       lr=0.05, eps=0.1, threads=2, init_seed=0)
+# as `edgezo train` builds it: one runtime, the spec from its dims, the private rows encoded once
+rt = Runtime({gguf!r}, RuntimeConfig(n_ctx=2048, n_seq_max=32, n_threads=2))
+spec = AdapterSpec("lora", rt.dims(), rank=8, alpha=16.0, targets=("q_proj", "v_proj"), train="AB")
+task = ClassificationTask(rt, {{"neg": "negative", "pos": "positive"}})
+enc = [task.encode(Row(t, "pos" if y else "neg")) for t, y in zip(d.texts, d.labels)]
+tr = Trainer(rt, task, enc, spec, TrainConfig(batch_size=16, seed=1, q=1, lr=0.05, eps=0.1))
 tr.task.loss(tr.batch(0)); infer = peak_rss_mb()
 U = np.load({basis!r})  # as an edge holds it after decoding the round's guidance: (d, 16) float32
 tr.begin_round(tr.theta.copy(), Schedule(lr=0.05, eps=0.1), 0)

@@ -12,6 +12,7 @@ import sys
 REGISTRARS: list[tuple[str, str]] = [
     ("convert.cli", "register"),
     ("edge.commands", "register"),
+    ("edge.bench", "register"),
     ("cloud.cli", "register"),
 ]
 

@@ -202,6 +202,12 @@ def cmd_train(args: argparse.Namespace) -> int:
             split_layer=args.split_layer, p1=args.p1, p2=args.p2,
         )
         trainer = Trainer(rt, task, train_set, spec, cfg)
+        if trainer.mode == "frozen":
+            print(f"edgezo: frozen bottom: layers < {args.split_layer} hold no adapter, they run once per example "
+                  f"and every ZO pass runs layers {args.split_layer}..{rt.n_layer - 1} only", file=sys.stderr)
+        elif trainer.mode == "split":
+            print(f"edgezo: FedSPZO split at layer {args.split_layer} (p1 {args.p1}, p2 {args.p2}): block-2 passes "
+                  f"run layers {args.split_layer}..{rt.n_layer - 1} from captured states", file=sys.stderr)
         if args.guide:  # the guide decides θ, schedule, λ and local steps for every round
             rc = run_guided(args, trainer)
             trainer.close()

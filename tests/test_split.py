@@ -210,3 +210,54 @@ def test_tail_parity_on_smollm2_q4_0(smollm2_q4_0, tmp_path):
     sp.close()
     ad.close()
     rt.close()
+
+
+def test_cli_split_layer_runs_frozen_bottom_and_refuses_bad_layers(tiny_llama_gguf, tmp_path):
+    """``edgezo train --split-layer`` reaches the trainer: frozen bottom says so; an impossible split is one line, exit 2."""
+    import json
+    import subprocess
+    import sys
+
+    data = tmp_path / "reviews.jsonl"
+    data.write_text("".join(json.dumps({"text": t, "label": str(i % 2)}) + "\n" for i, t in enumerate(TEXTS * 2)))
+
+    def cli(*extra):
+        args = ["train", "--model", tiny_llama_gguf, "--data", data, "--label-words", "0=negative,1=positive",
+                "--steps", 2, "--out", tmp_path / "a.gguf", "--batch-size", 4, "--rank", 2, "--threads", 1,
+                "--n-ctx", 256, "--no-progress", *extra]
+        return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True,
+                              timeout=240, env={**__import__("os").environ, "EDGEZO_CACHE": str(tmp_path / "c")})
+
+    ok = cli("--layers", "1", "--split-layer", "1")
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    assert "frozen bottom" in ok.stderr and (tmp_path / "a.gguf").is_file()
+    split = cli("--split-layer", "1", "--p1", "1", "--p2", "2")
+    assert split.returncode == 0 and "FedSPZO split at layer 1" in split.stderr
+    bad = cli("--split-layer", "5")
+    assert bad.returncode == 2
+    assert bad.stderr.strip().splitlines()[-1] == "edgezo: error: split layer must be in 1..1, got 5"
+
+
+def test_bench_forward_prints_a_table_and_writes_json(tiny_llama_gguf, tmp_path):
+    """``edgezo bench forward`` converts the model once per type (cached), times each in a child, writes JSON."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "fwd.json"
+    env = {**os.environ, "EDGEZO_CACHE": str(tmp_path / "c")}
+    args = ["bench", "forward", "--model", tiny_llama_gguf, "--quants", "q8_0,q4_0", "--rounds", "1", "--reps", "2",
+            "--batch", "4", "--threads", "1", "--json", out]
+    r = subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=300,
+                       env=env)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "÷ q8_0" in r.stdout and "fastest here:" in r.stdout
+    res = json.loads(out.read_text())
+    assert res["baseline"] == "q8_0" and set(res["types"]) == {"q8_0", "q4_0"}
+    assert res["types"]["q8_0"]["ratio_to_baseline"] == 1.0 and len(res["types"]["q4_0"]["forward_s"]) == 2
+    assert sorted(p.name for p in (tmp_path / "c").glob("*.gguf")) == ["tiny-llama-f32.Q4_0.gguf",
+                                                                       "tiny-llama-f32.Q8_0.gguf"]
+    bad = subprocess.run([sys.executable, "-m", "edge", "bench", "forward", "--quants", "q9"], capture_output=True,
+                         text=True, timeout=60, env=env)
+    assert bad.returncode == 2 and "unknown types ['q9']" in bad.stderr

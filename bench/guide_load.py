@@ -152,7 +152,7 @@ def main(argv: list[str] | None = None) -> int:
     cfg = tmp / "guide.toml"
     cfg.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{tmp / "state"}"\nlog_file = "{tmp / "guide.jsonl"}"\n'
-        f'long_poll_s = 60.0\n[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
+        f'long_poll_s = 60.0\ninsecure = true\n[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
         f'max_clients = {args.clients}\ndeadline_s = 120.0\njoin_window_s = 0.0\n'
         f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nlam = 0.0\nk = 4\n[clients.tokens]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))

@@ -34,7 +34,15 @@ def register(sub: argparse._SubParsersAction) -> None:
     st = gs.add_parser("status", help="show rounds, clients and loss of a running guide")
     st.add_argument("addr", help="HOST:PORT")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
+    st.add_argument("--ca", default="", help="CA file (PEM) that signed the guide's certificate")
+    st.add_argument("--insecure", action="store_true", help="plaintext, for a guide with insecure = true")
     st.set_defaults(handler=cmd_status)
+    c = gs.add_parser("cert", help="make a self-signed TLS pair for a first run (openssl): cert.pem, key.pem")
+    c.add_argument("--out", default="guide-tls", help="folder for cert.pem and key.pem")
+    c.add_argument("--host", action="append", default=[], help="name or IP the edges connect to (repeatable; "
+                                                              "default localhost and 127.0.0.1)")
+    c.add_argument("--days", type=int, default=365)
+    c.set_defaults(handler=cmd_cert)
     g.set_defaults(handler=lambda a: (g.print_help(), 2)[1])
 
     d = sub.add_parser("demo", help="round v2 on loopback: a guide leading on movie snippets, two SmolLM2-135M "
@@ -138,21 +146,31 @@ def cmd_serve(args: argparse.Namespace) -> int:
         cfg = _config_from_args(args)
         if not cfg.tokens:
             raise ValueError("no clients configured: add [clients.tokens] to the config or --token CLIENT=TOKEN")
+        cfg.server.ssl_context()  # TLS files (or the explicit insecure = true) are checked before any model loads
         server = build_server(cfg, dims=args.dims)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"edgezo: error: {e}", file=sys.stderr)
         return 2
-    asyncio.run(serve(server))
+    try:
+        asyncio.run(serve(server))
+    except OSError as e:  # e.g. the port is taken: one line, not a traceback
+        import os
+
+        why = os.strerror(e.errno).lower() if e.errno else str(e)
+        print(f"edgezo: error: cannot listen on {cfg.server.host}:{cfg.server.port}: {why}", file=sys.stderr)
+        return 2
     return 0
 
 
-async def fetch_status(host: str, port: int, timeout: float = 10.0) -> dict:
+async def fetch_status(host: str, port: int, timeout: float = 10.0, tls=None) -> dict:
     """One ``StatusRequest`` (no token needed when the guide has public_status), as a plain dict: the
-    Status fields, its ``extra`` scalars flattened in, and ``rounds`` / ``clients`` parsed from their JSON."""
+    Status fields, its ``extra`` scalars flattened in, and ``rounds`` / ``clients`` parsed from their JSON.
+    ``tls``: an ``ssl.SSLContext`` verifying the guide (None: plaintext, for an insecure guide)."""
     from protocol.framing import read_frame, write_frame
     from protocol.messages import Error, Status, StatusRequest
 
-    r, w = await asyncio.wait_for(asyncio.open_connection(host, port), timeout)
+    r, w = await asyncio.wait_for(
+        asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None), timeout)
     try:
         await write_frame(w, StatusRequest(), timeout=timeout)
         st = await read_frame(r, timeout=timeout)
@@ -176,7 +194,12 @@ def cmd_status(args: argparse.Namespace) -> int:
 
     try:
         host, port = parse_addr(args.addr)
-        st = asyncio.run(fetch_status(host, port))
+        tls = None
+        if not args.insecure:
+            from protocol.auth import client_ssl_context
+
+            tls = client_ssl_context(args.ca or None)
+        st = asyncio.run(fetch_status(host, port, tls=tls))
     except (OSError, ValueError, asyncio.TimeoutError, ProtocolError) as e:
         print(f"edgezo: cannot reach guide at {args.addr}: {e}", file=sys.stderr)
         return 1
@@ -196,6 +219,21 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"clients ({len(cl)}): " + ", ".join(f"{c['client']}({c['uploads']})" for c in cl[:20]))
     return 0
 
+
+
+def cmd_cert(args: argparse.Namespace) -> int:
+    """A self-signed certificate (EC P-256) for the guide; edges verify it with ``--ca OUT/cert.pem``."""
+    from cloud.tls import TLSError, self_signed_pair
+
+    try:
+        cert, key = self_signed_pair(args.out, hosts=args.host or ["localhost", "127.0.0.1"], days=args.days)
+    except TLSError as e:
+        print(f"edgezo: error: {e}", file=sys.stderr)
+        return 2
+    print(f"wrote {cert} and {key}\n"
+          f"guide.toml:  [server] tls_cert = \"{cert}\"  tls_key = \"{key}\"\n"
+          f"each edge:   edgezo train ... --guide HOST:PORT --ca {cert}")
+    return 0
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

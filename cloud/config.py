@@ -55,6 +55,9 @@ class ServerConfig:
     long_poll_s: float = 20.0  # a join waits this long for a round before "wait, retry"
     max_errors: int = 5  # malformed messages tolerated per connection before it is dropped
     public_status: bool = True  # answer "status" without a token (read-only, no secrets)
+    tls_cert: str = ""  # PEM certificate chain; with tls_key the guide speaks TLS (`edgezo guide cert` makes a pair)
+    tls_key: str = ""
+    insecure: bool = False  # plaintext TCP, only when asked for explicitly (logged as a warning)
 
     def __post_init__(self) -> None:
         if not 0 <= self.port < 65536:
@@ -63,6 +66,27 @@ class ServerConfig:
             raise ValueError("max_frame_mb, io_timeout_s and long_poll_s must be positive")
         if self.max_errors < 1:
             raise ValueError("max_errors must be >= 1")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            raise ValueError("[server] tls_cert and tls_key go together")
+        if self.insecure and self.tls_cert:
+            raise ValueError("[server] insecure = true and tls_cert/tls_key contradict each other: pick one")
+
+    def ssl_context(self):
+        """The server's TLS context, or None for an explicitly insecure guide; a clear error when neither is set
+        or a file is missing/unreadable."""
+        if self.insecure:
+            return None
+        if not self.tls_cert:
+            raise ValueError("[server] needs tls_cert and tls_key (make a pair with `edgezo guide cert`), or "
+                             "insecure = true for plaintext")
+        import ssl
+
+        from protocol.auth import server_ssl_context
+
+        try:
+            return server_ssl_context(self.tls_cert, self.tls_key)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"[server] TLS pair {self.tls_cert} / {self.tls_key} cannot be loaded: {e}") from e
 
     @property
     def max_frame(self) -> int:

@@ -206,8 +206,11 @@ class GuideServer:
         self._stopped = asyncio.Event()
         await self._db(self._resume)
         s = self.cfg.server
-        self._server = await asyncio.start_server(self._handle, s.host, s.port, limit=1 << 16)
-        self.log("listening", host=s.host, port=self.port, round=self.round_id, d=self.spec.d)
+        tls = s.ssl_context()
+        if tls is None:
+            self.log("warning", message="insecure = true: plaintext TCP, tokens' HMACs and θ are readable on the wire")
+        self._server = await asyncio.start_server(self._handle, s.host, s.port, limit=1 << 16, ssl=tls)
+        self.log("listening", host=s.host, port=self.port, round=self.round_id, d=self.spec.d, tls=tls is not None)
         self._loop_task = asyncio.create_task(self._round_loop())
 
     def _resume(self) -> None:

@@ -56,6 +56,21 @@ def edge_model(cache: Path | None = None) -> Path:
     return fast_model(cache=cache)
 
 
+def demo_tls(out: Path, log=print) -> tuple[Path, Path] | None:
+    """The demo's self-signed TLS pair in OUT/tls (made once, as `edgezo guide cert` does); None, and a
+    plaintext loopback run, only when the openssl command is missing."""
+    from cloud.tls import TLSError, self_signed_pair
+
+    cert, key = out / "tls" / "cert.pem", out / "tls" / "key.pem"
+    if cert.exists() and key.exists():
+        return cert, key
+    try:
+        return self_signed_pair(out / "tls", hosts=["localhost", "127.0.0.1"], days=30)
+    except TLSError as e:
+        log(f"[demo] no TLS ({e}): guide and edges talk plaintext on loopback")
+        return None
+
+
 def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None = None) -> dict:
     """Guide (the cloud leads, subspace guidance) + two llama.cpp edges on loopback, tweets as private data."""
     import shutil
@@ -93,8 +108,10 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None 
     public = split(load_rotten_tomatoes(), {"public": cfg.public_n}, rng)["public"]
     log(f"[demo] private: tweets, {cfg.private_n} per edge (label-skewed), val {cfg.val_n}, test {cfg.test_n}; "
         f"public (cloud): {cfg.public_n} movie snippets; edge model {gguf.name}")
+    tls = demo_tls(out, log)
     gcfg = GuideConfig(tokens={"edge-1": "demo-token-edge-1", "edge-2": "demo-token-edge-2"}).override(
-        server={"port": 0, "state_dir": str(out / "guide-state"), "log_file": str(out / "guide.jsonl")},
+        server={"port": 0, "state_dir": str(out / "guide-state"), "log_file": str(out / "guide.jsonl"),
+                **({"tls_cert": str(tls[0]), "tls_key": str(tls[1])} if tls else {"insecure": True})},
         rounds={"rounds": cfg.rounds, "min_clients": 2, "max_clients": 2, "deadline_s": 3600.0,
                 "join_window_s": 0.0, "sample_seed": cfg.seed},
         train={"kind": "subspace", "k": cfg.k, "local_steps": cfg.local_steps, "q": 1, "batch": cfg.batch},
@@ -124,7 +141,8 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None 
         await srv.start()
         try:
             clients = [EdgeClient(config=ClientConfig(host="127.0.0.1", port=srv.port, client_id=n, token=t,
-                                                      state_dir=str(out / n), max_rounds=cfg.rounds),
+                                                      state_dir=str(out / n), max_rounds=cfg.rounds,
+                                                      **({"ca": str(tls[0])} if tls else {"insecure": True})),
                                   trainer=EdgeTrainerAdapter(trainer=edges[n][0]), rng=np.random.default_rng(i),
                                   log=lambda ev, **f: log(f"[{f.get('client', '')}] {ev} "
                                                           f"{ {k: v for k, v in f.items() if k != 'client'} }")

@@ -22,6 +22,7 @@ import hashlib
 import json
 import math
 import os
+import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -75,6 +76,8 @@ class ClientConfig:
     io_timeout_s: float = 120.0
     max_frame_mb: float = 256.0
     prefetch: bool = True  # fetch the next round's guidance on a second connection while training
+    ca: str = ""  # PEM file of the CA that signed the guide's certificate ("" : the system's CAs)
+    insecure: bool = False  # plaintext TCP (a guide with insecure = true); logged as a warning
 
     def __post_init__(self) -> None:
         if not self.client_id or not self.token:
@@ -85,6 +88,21 @@ class ClientConfig:
             raise ValueError("need 0 < backoff_initial_s <= backoff_max_s")
         if self.max_rounds < 0 or self.max_reconnects < 0 or self.io_timeout_s <= 0:
             raise ValueError("max_rounds/max_reconnects must be >= 0 and io_timeout_s > 0")
+        if self.insecure and self.ca:
+            raise ValueError("--insecure and --ca contradict each other: pick one")
+
+    def ssl_context(self):
+        """TLS context verifying the guide (against ``ca``, else the system CAs); None when insecure."""
+        if self.insecure:
+            return None
+        import ssl
+
+        from protocol.auth import client_ssl_context
+
+        try:
+            return client_ssl_context(self.ca or None)
+        except (OSError, ssl.SSLError) as e:
+            raise ValueError(f"CA file {self.ca} cannot be loaded: {e}") from e
 
 
 def parse_addr(addr: str) -> tuple[str, int]:
@@ -225,6 +243,7 @@ class EdgeClient:
         self.done = False
         self.theta: np.ndarray | None = None  # θ of the last round trained (after local steps)
         self._prefetch_task: asyncio.Task | None = None
+        self._tls: Any = False  # the TLS context, made on first connect (None: --insecure)
 
     # ---- persistence ------------------------------------------------------------------------------
     @property
@@ -258,6 +277,12 @@ class EdgeClient:
                 await self._session(conn)
             except AuthRefused:
                 raise
+            except ssl.SSLCertVerificationError as e:  # retrying cannot help: say what to do
+                raise AuthRefused(f"the guide's TLS certificate is not trusted ({e.verify_message}); pass --ca with "
+                                  "the CA file that signed it") from e
+            except ssl.SSLError as e:
+                raise AuthRefused(f"TLS with the guide failed ({e.reason or e}); if the guide runs with "
+                                  "insecure = true, pass --insecure") from e
             except (OSError, asyncio.IncompleteReadError, asyncio.TimeoutError, ProtocolError) as e:
                 attempt += 1
                 self.summary.reconnects += 1
@@ -277,7 +302,13 @@ class EdgeClient:
 
     async def _connect(self, quiet: bool = False) -> _Conn:
         c = self.cfg
-        r, w = await asyncio.wait_for(asyncio.open_connection(c.host, c.port), c.io_timeout_s)
+        if self._tls is False:
+            self._tls = c.ssl_context()
+            if self._tls is None:
+                self.log("warning", message="--insecure: plaintext TCP to the guide")
+        r, w = await asyncio.wait_for(
+            asyncio.open_connection(c.host, c.port, ssl=self._tls, server_hostname=c.host if self._tls else None),
+            c.io_timeout_s)
         conn = _Conn(r, w, c)
         try:
             welcome = await client_handshake(r, w, c.client_id, c.token, timeout=c.io_timeout_s, software="edgezo")
@@ -448,6 +479,8 @@ def add_guide_args(p) -> None:
     p.add_argument("--client-id", default=None, help="this device's id at the guide (default: hostname)")
     p.add_argument("--state-dir", default=".edgezo-client", help="pending uploads and round log")
     p.add_argument("--max-rounds", type=int, default=0, help="stop after N rounds (0: until the guide is done)")
+    p.add_argument("--ca", default="", help="CA file (PEM) that signed the guide's certificate (default: system CAs)")
+    p.add_argument("--insecure", action="store_true", help="plaintext TCP, for a guide with insecure = true")
 
 
 def run_guided(args, trainer) -> int:
@@ -468,7 +501,7 @@ def run_guided(args, trainer) -> int:
     if getattr(trainer.cfg, "seed", 0) == 0:  # distinct perturbation seeds per device
         trainer.cfg = dataclasses.replace(trainer.cfg, seed=client_seed(cid) % (2**31))
     cfg = ClientConfig(host=host, port=port, client_id=cid, token=token, state_dir=args.state_dir,
-                       max_rounds=args.max_rounds)
+                       max_rounds=args.max_rounds, ca=args.ca, insecure=args.insecure)
     client = EdgeClient(config=cfg, trainer=EdgeTrainerAdapter(trainer=trainer),
                         rng=np.random.default_rng(client_seed(cid)))
     try:

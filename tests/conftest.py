@@ -143,3 +143,27 @@ def tokenizer_texts() -> list[str]:
     pieces = base + ["123", "  ", "\n", "é", "🙂", "<|im_end|>", "word", "Word", "'s", "—", "...", "\t\t"]
     mixed = ["".join(rng.choice(pieces) for _ in range(rng.randint(2, 8))) for _ in range(240)]
     return base + mixed
+
+
+# ---- TLS: one self-signed pair per session (edgezo guide cert), for daemons and clients on loopback ------------
+_TLS: dict[str, Path] = {}
+
+
+def tls_pair() -> tuple[Path, Path]:
+    """(cert.pem, key.pem) for localhost / 127.0.0.1, made once per test session with cloud.tls."""
+    if not _TLS:
+        import tempfile
+
+        from cloud.tls import self_signed_pair
+
+        cert, key = self_signed_pair(Path(tempfile.mkdtemp(prefix="edgezo-tls-")) / "tls",
+                                     hosts=["localhost", "127.0.0.1"], days=2)
+        _TLS.update(cert=cert, key=key)
+    return _TLS["cert"], _TLS["key"]
+
+
+def client_tls():
+    """An ssl.SSLContext trusting the session's pair (for raw connections in tests)."""
+    from protocol.auth import client_ssl_context
+
+    return client_ssl_context(tls_pair()[0])

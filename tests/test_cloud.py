@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import psutil
 import pytest
+from conftest import client_tls, tls_pair  # noqa: E402
 
 from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validate_upload, weights
 from cloud.config import GuideConfig
@@ -58,7 +59,7 @@ def _tokens(n: int) -> dict[str, str]:
 def _server(tmp_path: Path, tokens: dict[str, str], **rounds) -> GuideServer:
     cfg = GuideConfig(tokens=tokens).override(
         server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
-                "long_poll_s": 2.0, "io_timeout_s": 10.0},
+                "long_poll_s": 2.0, "io_timeout_s": 10.0, "tls_cert": str(tls_pair()[0]), "tls_key": str(tls_pair()[1])},
         rounds={"rounds": 2, "min_clients": 1, "max_clients": 8, "deadline_s": 10.0, "join_window_s": 0.2, **rounds},
         train={"local_steps": 2, "lr": 0.01, "lam": 0.0, "q": 2})
     return GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)),
@@ -68,14 +69,14 @@ def _server(tmp_path: Path, tokens: dict[str, str], **rounds) -> GuideServer:
 def _client(port: int, name: str, token: str, tmp_path: Path, seed: int, **kw) -> EdgeClient:
     cfg = ClientConfig(host="127.0.0.1", port=port, client_id=name, token=token,
                        state_dir=str(tmp_path / name), io_timeout_s=10.0, backoff_initial_s=0.05,
-                       backoff_max_s=0.2, **kw)
+                       backoff_max_s=0.2, ca=str(tls_pair()[0]), **kw)
     return EdgeClient(config=cfg, trainer=FunctionTrainer(loss_fn=_quadratic(1), examples_per_step=4, seed=seed, q=2),
                       rng=np.random.default_rng(seed), log=lambda *a, **k: None)
 
 
 async def _handshake(port: int, name: str, token: str):
     """A raw handshake that returns the server's last answer (Welcome or Error) instead of raising."""
-    r, w = await asyncio.open_connection("127.0.0.1", port)
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls(), server_hostname="127.0.0.1")
     await write_frame(w, Hello(client_id=name))
     ch = await read_frame(r, timeout=5)
     await write_frame(w, answer(ch, name, token))
@@ -174,9 +175,9 @@ def test_clients_run_rounds_and_status(tmp_path, capsys):
 
             while not srv.finished:
                 await asyncio.sleep(0.02)
-            st = await fetch_status("127.0.0.1", srv.port)
+            st = await fetch_status("127.0.0.1", srv.port, tls=client_tls())
             rc = await asyncio.get_running_loop().run_in_executor(
-                None, edgezo, ["guide", "status", f"127.0.0.1:{srv.port}"])
+                None, edgezo, ["guide", "status", f"127.0.0.1:{srv.port}", "--ca", str(tls_pair()[0])])
             assert rc == 0
             return sums, st, [c.theta for c in clients]
         finally:
@@ -340,6 +341,7 @@ def test_kill9_daemon_keeps_every_acknowledged_upload(tmp_path):
     cfg_path = tmp_path / "guide.toml"
     cfg_path.write_text(
         f'[server]\nport = {port}\nstate_dir = "{tmp_path / "state"}"\nlong_poll_s = 2.0\n'
+        f'tls_cert = "{tls_pair()[0]}"\ntls_key = "{tls_pair()[1]}"\n'
         f'[rounds]\nrounds = 1\nmin_clients = 4\nmax_clients = 4\ndeadline_s = 6.0\njoin_window_s = 0.2\n'
         f'[train]\nkind = "guided"\nlocal_steps = 2\nlam = 0.0\n[clients.tokens]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
@@ -375,7 +377,7 @@ def test_kill9_daemon_keeps_every_acknowledged_upload(tmp_path):
 
             t0 = time.monotonic()
             while time.monotonic() - t0 < 30:
-                st = await fetch_status("127.0.0.1", port)
+                st = await fetch_status("127.0.0.1", port, tls=client_tls())
                 if st["rounds"] and st["rounds"][0]["status"] == "closed":
                     return st
                 await asyncio.sleep(0.2)
@@ -430,7 +432,8 @@ def _run_guided(tmp_path: Path, prefetch: bool) -> tuple[np.ndarray, list[dict],
     async def main():
         cfg = GuideConfig(tokens=_tokens(2)).override(
             server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
-                    "long_poll_s": 2.0, "io_timeout_s": 10.0},
+                    "long_poll_s": 2.0, "io_timeout_s": 10.0, "tls_cert": str(tls_pair()[0]),
+                    "tls_key": str(tls_pair()[1])},
             rounds={"rounds": 3, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.0},
             train={"local_steps": 2, "lr": 0.01, "lam": 0.5, "q": 2})
         srv = GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)), guidance=_PerRoundGuidance(SPEC.d))

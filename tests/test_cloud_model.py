@@ -56,7 +56,7 @@ def _edge_trainer(gguf: Path, spec, data, name: str):
 def _config(tmp_path: Path, **rounds) -> GuideConfig:
     return GuideConfig(tokens=TOKENS).override(
         server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
-                "long_poll_s": 2.0},
+                "long_poll_s": 2.0, "insecure": True},  # plaintext on purpose: TLS is tested in test_cloud.py
         rounds={"join_window_s": 0.3, **rounds},
         train={"kind": "guided", "local_steps": 20, "lr": 0.02, "eps": 1e-3, "lam": 0.5, "q": 2, "alpha": 0.5, "k": 2})
 
@@ -119,7 +119,7 @@ def test_replay_is_exact_edge_llamacpp_vs_cloud(tmp_path, tiny_llama_dir, tiny_l
         await srv.start()
         try:
             cl = EdgeClient(config=ClientConfig(host="127.0.0.1", port=srv.port, client_id="c0",
-                                                token=TOKENS["c0"], state_dir=str(tmp_path / "c0")),
+                                                token=TOKENS["c0"], state_dir=str(tmp_path / "c0"), insecure=True),
                             trainer=EdgeTrainerAdapter(trainer=trainer), rng=np.random.default_rng(0),
                             log=lambda *a, **k: None)
             await asyncio.wait_for(cl.run(), 120)
@@ -163,7 +163,7 @@ def test_three_edges_three_rounds_public_loss_falls_dead_edge_hits_deadline(tmp_
         await srv.start()
         try:
             cls = {c: EdgeClient(config=ClientConfig(host="127.0.0.1", port=srv.port, client_id=c, token=t,
-                                                     state_dir=str(tmp_path / c), max_rounds=3),
+                                                     state_dir=str(tmp_path / c), max_rounds=3, insecure=True),
                                  trainer=(Hangs if c == "c2" else EdgeTrainerAdapter)(trainer=trainers[c][0]),
                                  rng=np.random.default_rng(i), log=lambda *a, **k: None)
                    for i, (c, t) in enumerate(TOKENS.items())}

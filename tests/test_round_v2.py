@@ -102,6 +102,7 @@ def _run_daemon(tmp_path: Path, train: dict, *, leading: bool = False, rounds: i
     tokens = {"c0": "secret-token-0000", "c1": "secret-token-0001"}
     cfg = GuideConfig.from_dict({
         "server": {"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
+                   "insecure": True,  # plaintext on purpose: TLS is tested in test_cloud.py
                    "long_poll_s": 2.0, "io_timeout_s": 10.0},
         "rounds": {"rounds": rounds, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.1},
         "train": train, "clients": {"tokens": tokens}})
@@ -119,7 +120,7 @@ def _run_daemon(tmp_path: Path, train: dict, *, leading: bool = False, rounds: i
         try:
             clients = [EdgeClient(config=ClientConfig(host="127.0.0.1", port=srv.port, client_id=n, token=t,
                                                       state_dir=str(tmp_path / n), io_timeout_s=10.0,
-                                                      backoff_initial_s=0.05, backoff_max_s=0.2),
+                                                      backoff_initial_s=0.05, backoff_max_s=0.2, insecure=True),
                                   trainer=trainers[n], rng=np.random.default_rng(i), log=lambda *a, **k: None)
                        for i, (n, t) in enumerate(tokens.items())]
             await asyncio.wait_for(asyncio.gather(*(c.run() for c in clients)), 60)

@@ -66,6 +66,10 @@ def validate_upload(plan: RoundPlan, up: Upload, *, max_perturbations: int = 1 <
             raise UploadRefused("step uses λ > 0 but the round sent no cloud gradient")
         if not 0.0 <= st.lam <= 1.0:
             raise UploadRefused(f"λ must be in [0, 1], got {st.lam}")
+        if plan.lam >= 0 and st.lam != plan.lam and not (st.lam == 0.0 and (plan.guide is None or
+                                                                            plan.guide.grad is None)):
+            # λ is the plan's (an "online" plan, lam < 0, lets each step report its own estimate)
+            raise UploadRefused(f"step uses λ = {st.lam}, round {plan.round_id} fixed λ = {plan.lam}")
         for g in st.groups:
             stop = d if g.stop < 0 else g.stop
             if not 0 <= g.start < stop <= d:

@@ -35,6 +35,8 @@ def register(sub: argparse._SubParsersAction) -> None:
     st.add_argument("addr", help="HOST:PORT")
     st.add_argument("--json", action="store_true", help="print the raw JSON")
     st.add_argument("--ca", default="", help="CA file (PEM) that signed the guide's certificate")
+    st.add_argument("--client-id", default="", help="authenticate as this client (needed unless public_status)")
+    st.add_argument("--token", default="", help="that client's token (or env EDGEZO_TOKEN)")
     st.add_argument("--insecure", action="store_true", help="plaintext, for a guide with insecure = true")
     st.set_defaults(handler=cmd_status)
     c = gs.add_parser("cert", help="make a self-signed TLS pair for a first run (openssl): cert.pem, key.pem")
@@ -162,16 +164,21 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
-async def fetch_status(host: str, port: int, timeout: float = 10.0, tls=None) -> dict:
-    """One ``StatusRequest`` (no token needed when the guide has public_status), as a plain dict: the
-    Status fields, its ``extra`` scalars flattened in, and ``rounds`` / ``clients`` parsed from their JSON.
+async def fetch_status(host: str, port: int, timeout: float = 10.0, tls=None, client_id: str = "",
+                       token: str = "") -> dict:
+    """One ``StatusRequest`` as a plain dict: the Status fields, its ``extra`` scalars flattened in, and
+    ``rounds`` / ``clients`` parsed from their JSON. With ``client_id``/``token`` it authenticates first (a guide
+    answers a tokenless request only with public_status = true, and then without client ids).
     ``tls``: an ``ssl.SSLContext`` verifying the guide (None: plaintext, for an insecure guide)."""
+    from protocol.auth import client_handshake
     from protocol.framing import read_frame, write_frame
     from protocol.messages import Error, Status, StatusRequest
 
     r, w = await asyncio.wait_for(
         asyncio.open_connection(host, port, ssl=tls, server_hostname=host if tls else None), timeout)
     try:
+        if client_id:
+            await client_handshake(r, w, client_id, token, timeout=timeout, software="edgezo-status")
         await write_frame(w, StatusRequest(), timeout=timeout)
         st = await read_frame(r, timeout=timeout)
     finally:
@@ -199,7 +206,12 @@ def cmd_status(args: argparse.Namespace) -> int:
             from protocol.auth import client_ssl_context
 
             tls = client_ssl_context(args.ca or None)
-        st = asyncio.run(fetch_status(host, port, tls=tls))
+        import os
+
+        token = args.token or os.environ.get("EDGEZO_TOKEN", "")
+        if args.client_id and not token:
+            raise ValueError("--client-id needs --token (or EDGEZO_TOKEN)")
+        st = asyncio.run(fetch_status(host, port, tls=tls, client_id=args.client_id, token=token))
     except (OSError, ValueError, asyncio.TimeoutError, ProtocolError) as e:
         print(f"edgezo: cannot reach guide at {args.addr}: {e}", file=sys.stderr)
         return 1

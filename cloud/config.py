@@ -54,7 +54,7 @@ class ServerConfig:
     io_timeout_s: float = 60.0  # per-frame read/write timeout once a message has started / idle limit
     long_poll_s: float = 20.0  # a join waits this long for a round before "wait, retry"
     max_errors: int = 5  # malformed messages tolerated per connection before it is dropped
-    public_status: bool = True  # answer "status" without a token (read-only, no secrets)
+    public_status: bool = False  # True: answer "status" without a token (counts only, no client ids)
     tls_cert: str = ""  # PEM certificate chain; with tls_key the guide speaks TLS (`edgezo guide cert` makes a pair)
     tls_key: str = ""
     insecure: bool = False  # plaintext TCP, only when asked for explicitly (logged as a warning)
@@ -101,8 +101,11 @@ class RoundConfig:
     deadline_s: float = 120.0
     join_window_s: float = 0.5  # after min_clients are waiting, wait this long for more (up to max_clients)
     sample_seed: int = 0
+    max_examples: int = 0  # cap on the example count an upload is weighted by (0: local_steps × batch)
 
     def __post_init__(self) -> None:
+        if self.max_examples < 0:
+            raise ValueError(f"max_examples must be >= 0, got {self.max_examples}")
         if self.rounds < 0:
             raise ValueError(f"rounds must be >= 0, got {self.rounds}")
         if not 1 <= self.min_clients <= self.max_clients:

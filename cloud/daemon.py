@@ -43,10 +43,10 @@ from cloud.aggregate import RoundPlan, Upload, UploadRefused, validate_upload
 from cloud.config import GuideConfig
 from cloud.engine import compress_guidance, merge, plan_round
 from cloud.guidance import Guidance
-from cloud.store import Store
+from cloud.store import Store, upload_digest
 from protocol import codecs
-from protocol.auth import Authenticator
-from protocol.errors import AuthError, FrameTooLarge, ProtocolError, SchemaError
+from protocol.auth import Authenticator, negotiate_version
+from protocol.errors import AuthError, FrameTooLarge, ProtocolError, SchemaError, VersionMismatch
 from protocol.framing import read_frame, write_frame
 from protocol.messages import (
     Ack,
@@ -129,6 +129,10 @@ def _finite(fields: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
 
 
+class StatusNeedsToken(AuthError):
+    """A StatusRequest before Hello on a guide without public_status."""
+
+
 class _Refuse(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
@@ -168,6 +172,7 @@ class GuideServer:
         self.plan: RoundPlan | None = None
         self.selected: list[str] = []
         self.uploaded: set[str] = set()
+        self._digests: dict[str, str] = {}  # client → upload_digest of its committed upload this round
         self.deadline = 0.0
         self.closing = False
         self.finished = False
@@ -191,7 +196,8 @@ class GuideServer:
         self._loop_task: asyncio.Task | None = None
         self._stopped: asyncio.Event | None = None
         self._conns: set[asyncio.Task] = set()
-        self.stats = {"uploads": 0, "refused": 0, "auth_failed": 0, "malformed": 0}
+        self.stats = {"uploads": 0, "refused": 0, "auth_failed": 0, "malformed": 0, "examples_capped": 0,
+                      "forged_duplicates": 0}
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -228,7 +234,9 @@ class GuideServer:
             self.theta = self.plan.theta.copy()
             self.selected = list(row["selected"])
             self.deadline = row["deadline"]
-            self.uploaded = {u.client for u in self.store.uploads(self.round_id)}
+            stored = self.store.uploads(self.round_id)
+            self.uploaded = {u.client for u in stored}
+            self._digests = {u.client: upload_digest(u) for u in stored}
             self.log("resumed", round=self.round_id, uploads=len(self.uploaded), selected=len(self.selected))
             return
         last = self.store.last_round_id()
@@ -330,6 +338,7 @@ class GuideServer:
         deadline = time.time() + rc.deadline_s
         await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline))
         self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
+        self._digests = {}
         self._wire_guidance = wire_g
         self._round_frames = {}
         self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0}
@@ -457,20 +466,18 @@ class GuideServer:
         if plan is None or self.closing:
             raise _Refuse("round_closed", f"no open round accepts uploads (upload for round {rid})")
         if client in self.uploaded and rid == plan.round_id:
-            return Ack(round_id=rid, accepted=True, reason="duplicate")  # idempotent re-send after a lost ack
+            return self._duplicate(client, msg)  # idempotent re-send after a lost ack, if byte-identical
         inflight = self._inflight.get(client)
         if inflight is not None and rid == plan.round_id:  # the same upload on a second connection
             await asyncio.shield(inflight)
-            return Ack(round_id=rid, accepted=True, reason="duplicate")
+            return self._duplicate(client, msg)
         if client not in self.selected:
             raise _Refuse("not_selected", f"client {client} is not in round {plan.round_id}")
         if msg.client_id != client:
             raise _Refuse("refused", f"update names client {msg.client_id!r}, connection is {client!r}")
         try:
             msg.check_spans(self.spec.d)
-            up = Upload(client=client, round_id=rid, basis_id=msg.guide_id, steps=msg.steps,
-                        examples=msg.n_examples, loss_before=msg.loss.max, loss_after=msg.loss.last,
-                        meta={"first_step": msg.first_step})
+            up = self._as_upload(client, msg)
             validate_upload(plan, up)
             if msg.first_step != plan.first_step:
                 raise UploadRefused(f"upload starts at step {msg.first_step}, round starts at {plan.first_step}")
@@ -488,6 +495,7 @@ class GuideServer:
         finally:
             self._inflight.pop(client, None)
         self.uploaded.add(client)  # committed: only now may it be acknowledged or counted
+        self._digests[client] = upload_digest(up)
         self.stats["uploads"] += 1
         size = len(encode(msg, validate=False))  # the frame's size (msgpack encoding is canonical here)
         self.bytes["up"] += size
@@ -497,6 +505,26 @@ class GuideServer:
         if len(self.uploaded) >= len(self.selected):
             self._round_done.set()
         return Ack(round_id=up.round_id, accepted=True)
+
+    def _as_upload(self, client: str, msg: Update, *, log: bool = True) -> Upload:
+        """The Upload the guide stores for ``msg``: its example count capped by the server, never the client's
+        word alone (``[rounds] max_examples``; 0: local steps × batch, what one round can use)."""
+        cap = self.cfg.rounds.max_examples or self.plan.local_steps * self.cfg.train.batch
+        examples = min(int(msg.n_examples), cap)
+        if examples < msg.n_examples and log:
+            self.stats["examples_capped"] += 1
+            self.log("examples_capped", client=client, claimed=int(msg.n_examples), used=examples)
+        return Upload(client=client, round_id=msg.round_id, basis_id=msg.guide_id, steps=msg.steps,
+                      examples=examples, loss_before=msg.loss.max, loss_after=msg.loss.last,
+                      meta={"first_step": msg.first_step})
+
+    def _duplicate(self, client: str, msg: Update) -> Ack:
+        """A second upload for a round: acknowledged only if it says exactly what the stored one says."""
+        if upload_digest(self._as_upload(client, msg, log=False)) == self._digests.get(client):
+            return Ack(round_id=msg.round_id, accepted=True, reason="duplicate")
+        self.stats["forged_duplicates"] += 1
+        self.log("duplicate_refused", client=client, round=msg.round_id)
+        raise _Refuse("duplicate", f"client {client} already uploaded a different update for round {msg.round_id}")
 
     def _wait_msg(self) -> Status:
         return Status(round_id=self.round_id, phase="wait", d=self.spec.d, extra={"retry_s": 0.0})
@@ -568,8 +596,9 @@ class GuideServer:
             "last_round_bytes": dict(self.last_bytes),
         }
 
-    async def _status_full(self) -> Status:
-        """Status with the live counters, bytes each way, and the store's rounds/clients as JSON strings."""
+    async def _status_full(self, public: bool = False) -> Status:
+        """Status with the live counters, bytes each way, and the store's rounds/clients as JSON strings.
+        ``public`` (asked without a token): counts only, no client ids."""
         rounds = await self._db(self.store.rounds, 20)
         clients = await self._db(self.store.clients)
         extra: dict[str, Any] = {"open": self.plan is not None, "finished": self.finished,
@@ -578,7 +607,7 @@ class GuideServer:
         extra.update({f"round_{k}": v for k, v in self._bytes_summary().items()})
         extra.update({f"last_{k}": v for k, v in self.last_bytes.items()})
         extra["rounds_json"] = _json_capped([_finite(r) for r in rounds])
-        extra["clients_json"] = _json_capped(clients)
+        extra["clients_json"] = "[]" if public else _json_capped(clients)
         extra["clients_total"] = len(clients)
         phase = "finished" if self.finished else ("round" if self.plan is not None else "idle")
         return Status(server_id="edgezo-guide", round_id=self.round_id, phase=phase,
@@ -594,11 +623,15 @@ class GuideServer:
         answered before any Hello. Returns the authenticated client id, or None when the connection is done."""
         s = self.cfg.server
         first = await read_frame(reader, max_size=HANDSHAKE_MAX_FRAME, timeout=s.io_timeout_s)
-        if isinstance(first, StatusRequest) and s.public_status:
-            await write_frame(writer, await self._status_full(), timeout=s.io_timeout_s)
+        if isinstance(first, StatusRequest):
+            if not s.public_status:
+                raise StatusNeedsToken("status needs a client token (edgezo guide status --client-id ID --token T), or "
+                                "public_status = true on the guide")
+            await write_frame(writer, await self._status_full(public=True), timeout=s.io_timeout_s)
             return None
         if not isinstance(first, Hello):
             raise SchemaError(f"expected Hello, got {type(first).__name__}")
+        version = negotiate_version(first)
         ch = self.authn.challenge()
         await write_frame(writer, ch, timeout=s.io_timeout_s)
         auth = await read_frame(reader, max_size=HANDSHAKE_MAX_FRAME, timeout=s.io_timeout_s)
@@ -607,7 +640,8 @@ class GuideServer:
         if auth.client_id != first.client_id:
             raise AuthError(f"Auth is for {auth.client_id!r} but Hello said {first.client_id!r}")
         self.authn.verify(auth, ch.nonce)
-        await write_frame(writer, Welcome(client_id=auth.client_id, server_time=time.time()), timeout=s.io_timeout_s)
+        await write_frame(writer, Welcome(client_id=auth.client_id, server_time=time.time(), version=version),
+                          timeout=s.io_timeout_s)
         return auth.client_id
 
     async def _reply(self, client: str, msg: Message) -> Message | bytes | None:
@@ -636,11 +670,15 @@ class GuideServer:
         try:
             try:
                 client = await self._handshake(reader, writer)
-            except (AuthError, SchemaError) as e:
+            except (AuthError, SchemaError, VersionMismatch) as e:
                 auth_fail = isinstance(e, AuthError)
-                self.stats["auth_failed" if auth_fail else "malformed"] += 1
-                self.log("auth_failed" if auth_fail else "malformed", peer=str(peer), error=str(e))
-                await write_frame(writer, Error(code=e.code, message="unknown client or bad token" if auth_fail
+                kind = "version_mismatch" if isinstance(e, VersionMismatch) else (
+                    "auth_failed" if auth_fail else "malformed")
+                self.stats[kind] = self.stats.get(kind, 0) + 1
+                self.log(kind, peer=str(peer), error=str(e))
+                # a failed token check never says which half was wrong; a refused status says what to do
+                secret = auth_fail and not isinstance(e, StatusNeedsToken)
+                await write_frame(writer, Error(code=e.code, message="unknown client or bad token" if secret
                                                 else str(e)[:4000]), timeout=1.0)
                 return
             if client is None:

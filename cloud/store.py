@@ -219,6 +219,17 @@ class Store:
         return [{"client": c, "last_seen": ls, "uploads": n} for c, ls, n in cur.fetchall()]
 
 
+def upload_digest(up: Upload) -> str:
+    """sha256 of what an upload says (its steps as stored, examples, losses): a re-send is a duplicate only when
+    it says exactly the same."""
+    import hashlib
+    import struct
+
+    h = hashlib.sha256(packb(step_records_to_wire(up.steps)))
+    h.update(struct.pack("<qdd", up.examples, _f(up.loss_before), _f(up.loss_after)))
+    return h.hexdigest()
+
+
 def _f(x) -> float:
     return float("nan") if x is None else float(x)
 

@@ -20,7 +20,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from protocol.constants import AUTH_DOMAIN, DEFAULT_TIMEOUT, NONCE_SIZE, PROTOCOL_VERSION
+from protocol.constants import AUTH_DOMAIN, DEFAULT_TIMEOUT, NONCE_SIZE, SUPPORTED_VERSIONS
 from protocol.errors import AuthError, ProtocolError, ReplayedNonce, SchemaError, VersionMismatch
 from protocol.framing import read_frame, write_frame
 from protocol.messages import Auth, Challenge, Error, Hello, Message, Welcome
@@ -173,6 +173,15 @@ async def _expect(reader: asyncio.StreamReader, cls: type, timeout: float | None
     return msg
 
 
+def negotiate_version(hello: Hello) -> int:
+    """The highest protocol version both sides speak; VersionMismatch when there is none."""
+    common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+    if not common:
+        raise VersionMismatch(f"client speaks protocol versions {sorted(hello.versions)}, this guide speaks "
+                              f"{list(SUPPORTED_VERSIONS)}: upgrade the older side")
+    return max(common)
+
+
 async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamWriter, auth: Authenticator,
                            *, timeout: float | None = DEFAULT_TIMEOUT, session_id: str = "") -> Hello:
     """Hello → Challenge → Auth → Welcome. Returns the client's Hello (its ``client_id`` is authenticated).
@@ -181,16 +190,15 @@ async def server_handshake(reader: asyncio.StreamReader, writer: asyncio.StreamW
     """
     try:
         hello = await _expect(reader, Hello, timeout)
-        if PROTOCOL_VERSION not in hello.versions:
-            raise VersionMismatch(f"client speaks versions {hello.versions}, server speaks {PROTOCOL_VERSION}")
+        version = negotiate_version(hello)
         ch = auth.challenge()
         await write_frame(writer, ch, timeout=timeout)
         a = await _expect(reader, Auth, timeout)
         if a.client_id != hello.client_id:
             raise AuthError(f"Auth is for {a.client_id!r} but Hello said {hello.client_id!r}")
         auth.verify(a, ch.nonce)
-        await write_frame(writer, Welcome(client_id=a.client_id, session_id=session_id, server_time=time.time()),
-                          timeout=timeout)
+        await write_frame(writer, Welcome(client_id=a.client_id, session_id=session_id, server_time=time.time(),
+                                          version=version), timeout=timeout)
         return hello
     except ProtocolError as e:
         try:

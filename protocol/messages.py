@@ -777,6 +777,7 @@ class Welcome(Message):
     client_id: str = wf(ID)
     session_id: str = wf(StrT(MAX_ID_LEN), default="")
     server_time: float = wf(FloatT(0.0), default=0.0)
+    version: int = wf(IntT(0, 1 << 16), default=PROTOCOL_VERSION)  # the negotiated protocol version
 
 
 AuthOk = Welcome

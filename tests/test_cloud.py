@@ -175,9 +175,11 @@ def test_clients_run_rounds_and_status(tmp_path, capsys):
 
             while not srv.finished:
                 await asyncio.sleep(0.02)
-            st = await fetch_status("127.0.0.1", srv.port, tls=client_tls())
+            st = await fetch_status("127.0.0.1", srv.port, tls=client_tls(), client_id="c0",
+                                    token="secret-token-0000")
             rc = await asyncio.get_running_loop().run_in_executor(
-                None, edgezo, ["guide", "status", f"127.0.0.1:{srv.port}", "--ca", str(tls_pair()[0])])
+                None, edgezo, ["guide", "status", f"127.0.0.1:{srv.port}", "--ca", str(tls_pair()[0]),
+                                 "--client-id", "c1", "--token", "secret-token-0001"])
             assert rc == 0
             return sums, st, [c.theta for c in clients]
         finally:
@@ -377,7 +379,8 @@ def test_kill9_daemon_keeps_every_acknowledged_upload(tmp_path):
 
             t0 = time.monotonic()
             while time.monotonic() - t0 < 30:
-                st = await fetch_status("127.0.0.1", port, tls=client_tls())
+                st = await fetch_status("127.0.0.1", port, tls=client_tls(), client_id="c0",
+                                        token=tokens["c0"])
                 if st["rounds"] and st["rounds"][0]["status"] == "closed":
                     return st
                 await asyncio.sleep(0.2)

@@ -9,6 +9,7 @@ on a taken port is one line with exit code 2.
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import os
 import socket
 import subprocess
@@ -149,3 +150,127 @@ def test_guide_cert_makes_a_pair_and_never_overwrites(tmp_path):
     assert again.returncode == 2 and "exists already" in again.stderr
     with pytest.raises(TLSError, match="at least one host"):
         self_signed_pair(tmp_path / "x", hosts=[])
+
+
+# ---- no way in for a bad client ---------------------------------------------------------------------------
+def _hostile_server(tmp_path: Path, **train) -> GuideServer:
+    cert, key = tls_pair()
+    tokens = {"c0": "secret-token-0000", "c1": "secret-token-0001"}
+    cfg = GuideConfig(tokens=tokens).override(
+        server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
+                "long_poll_s": 2.0, "io_timeout_s": 5.0, "tls_cert": str(cert), "tls_key": str(key)},
+        rounds={"rounds": 1, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.0},
+        train={"kind": "guided", "local_steps": 2, "lr": 0.01, "lam": 0.5, "q": 2, "batch": 4, **train})
+    src = StaticGuidance(d=SPEC.d, k=2, alpha=0.5, rng=np.random.default_rng(0))
+    src.guide = dataclasses.replace(src.guide, grad=np.full(SPEC.d, 1e-3, np.float32))  # λ = 0.5 is live
+    return GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)), guidance=src)
+
+
+async def _session(port: int, name: str, versions=None):
+    from conftest import client_tls
+
+    from protocol.auth import answer
+    from protocol.framing import read_frame, write_frame
+    from protocol.messages import Hello
+
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=client_tls(), server_hostname="127.0.0.1")
+    await write_frame(w, Hello(client_id=name, **({"versions": versions} if versions is not None else {})))
+    ch = await read_frame(r, timeout=5)
+    if versions is not None:
+        return r, w, ch  # the guide's answer to an unsupported version
+    await write_frame(w, answer(ch, name, f"secret-token-000{name[-1]}"))
+    return r, w, await read_frame(r, timeout=5)
+
+
+def _steps(seed: int, lam: float = 0.5):
+    from protocol.zo import Group, StepRecord
+
+    rng = np.random.default_rng(seed)
+    return [StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, 2, dtype=np.uint64),
+                                     grads=rng.standard_normal(2).astype(np.float32))], lam=lam) for _ in range(2)]
+
+
+def _upd(rs, name: str, steps, examples: int = 8):
+    from protocol.messages import LossStats, Update
+
+    return Update(round_id=rs.round_id, client_id=name, steps=steps, first_step=rs.hyper.first_step,
+                  n_examples=examples, loss=LossStats(mean=1.0, min=1.0, max=1.0, last=1.0),
+                  guide_id=rs.guidance.guide_id if rs.guidance is not None else "")
+
+
+def test_forged_duplicate_inflated_weight_and_client_lambda_are_refused(tmp_path):
+    """A second, different upload for a round is refused (an identical re-send is acked); a client claiming
+    10⁹ examples is weighted by the server's cap; a step with a λ other than the plan's is refused."""
+    from protocol.framing import read_frame, write_frame
+    from protocol.messages import Ack, Error, RoundRequest, RoundStart
+
+    async def main():
+        srv = _hostile_server(tmp_path)
+        await srv.start()
+        try:
+            (r0, w0, _), (r1, w1, _) = await _session(srv.port, "c0"), await _session(srv.port, "c1")
+            for w in (w0, w1):
+                await write_frame(w, RoundRequest())
+            rs0, rs1 = await read_frame(r0, timeout=10), await read_frame(r1, timeout=10)
+            assert isinstance(rs0, RoundStart) and isinstance(rs1, RoundStart)
+            out = {}
+            await write_frame(w0, _upd(rs0, "c0", _steps(1), examples=10**9))  # inflated weight
+            out["inflated"] = await read_frame(r0, timeout=10)
+            await write_frame(w0, _upd(rs0, "c0", _steps(1), examples=10**9))  # byte-identical re-send
+            out["resend"] = await read_frame(r0, timeout=10)
+            await write_frame(w0, _upd(rs0, "c0", _steps(2), examples=10**9))  # forged: other records
+            out["forged"] = await read_frame(r0, timeout=10)
+            await write_frame(w1, _upd(rs1, "c1", _steps(3, lam=0.9)))  # λ of its own choosing
+            out["lambda"] = await read_frame(r1, timeout=10)
+            await write_frame(w1, _upd(rs1, "c1", _steps(3)))  # then an honest one
+            out["honest"] = await read_frame(r1, timeout=10)
+            await asyncio.sleep(0.5)
+            out["stored"] = {u.client: u.examples for u in srv.store.uploads(rs0.round_id)}
+            out["stats"] = dict(srv.stats)
+            return out
+        finally:
+            await srv.stop()
+
+    out = asyncio.run(main())
+    assert isinstance(out["inflated"], Ack) and out["inflated"].accepted
+    assert isinstance(out["resend"], Ack) and out["resend"].accepted and out["resend"].reason == "duplicate"
+    assert isinstance(out["forged"], Error) and out["forged"].code == "duplicate"
+    assert "different update" in out["forged"].message
+    assert isinstance(out["lambda"], Ack) and not out["lambda"].accepted and "fixed λ = 0.5" in out["lambda"].reason
+    assert isinstance(out["honest"], Ack) and out["honest"].accepted
+    assert out["stored"] == {"c0": 2 * 4, "c1": 8}  # capped at local_steps × batch, not 10⁹
+    assert out["stats"]["examples_capped"] == 1 and out["stats"]["forged_duplicates"] == 1
+
+
+def test_status_needs_a_token_and_versions_are_negotiated(tmp_path):
+    """Tokenless status is refused (and says how to ask); with public_status it carries counts, no client ids;
+    a Hello offering only unknown protocol versions gets a version_mismatch error."""
+    from conftest import client_tls
+
+    from cloud.cli import fetch_status
+    from protocol.errors import ProtocolError
+
+    async def main(public: bool):
+        srv = _server(tmp_path / str(public), tls_cert=str(tls_pair()[0]), tls_key=str(tls_pair()[1]),
+                      public_status=public)
+        await srv.start()
+        try:
+            got: dict = {}
+            try:
+                got["anon"] = await fetch_status("127.0.0.1", srv.port, tls=client_tls())
+            except ProtocolError as e:
+                got["anon"] = e
+            got["auth"] = await fetch_status("127.0.0.1", srv.port, tls=client_tls(), client_id="c0",
+                                             token=TOKENS["c0"])
+            _, _, got["version"] = await _session(srv.port, "c0", versions=[99, 100])
+            return got
+        finally:
+            await srv.stop()
+
+    closed = asyncio.run(main(False))
+    assert isinstance(closed["anon"], ProtocolError) and closed["anon"].code == "auth"
+    assert "status needs a client token" in str(closed["anon"]) and "public_status" in str(closed["anon"])
+    assert isinstance(closed["auth"], dict) and "round" in closed["auth"]
+    assert closed["version"].code == "version_mismatch" and "[99, 100]" in closed["version"].message
+    public = asyncio.run(main(True))
+    assert isinstance(public["anon"], dict) and public["anon"]["clients"] == []

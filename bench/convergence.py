@@ -372,10 +372,11 @@ from protocol.spec import AdapterSpec
 from protocol.zo import Guide, Schedule
 cfg = StudyConfig(); d = study_data(cfg)["pooled"]
 # as `edgezo train` builds it: one runtime, the spec from its dims, the private rows encoded once
-rt = Runtime({gguf!r}, RuntimeConfig(n_ctx=2048, n_seq_max=32, n_threads=2))
+rt = Runtime({gguf!r}, RuntimeConfig(n_ctx=256, n_seq_max=32, n_threads=2))
 spec = AdapterSpec("lora", rt.dims(), rank=8, alpha=16.0, targets=("q_proj", "v_proj"), train="AB")
 task = ClassificationTask(rt, {{"neg": "negative", "pos": "positive"}})
 enc = [task.encode(Row(t, "pos" if y else "neg")) for t, y in zip(d.texts, d.labels)]
+rt.fit_context([len(e.tokens) for e in enc], 16)  # as `edgezo train` sizes its KV cache (--n-ctx 0)
 tr = Trainer(rt, task, enc, spec, TrainConfig(batch_size=16, seed=1, q=1, lr=0.05, eps=0.1))
 tr.task.loss(tr.batch(0)); infer = peak_rss_mb()
 U = np.load({basis!r})  # as an edge holds it after decoding the round's guidance: (d, 16) float32

@@ -38,7 +38,9 @@ def _data_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--template", default=None, help="prompt template with {text}")
     p.add_argument("--batch-size", type=int, default=16)
     p.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: all cores)")
-    p.add_argument("--n-ctx", type=int, default=2048, help="KV cells per pass (all sequences of a batch)")
+    p.add_argument("--n-ctx", type=int, default=0,
+                   help="KV cells per pass, all sequences of a batch (0: train fits it to the data's longest "
+                        "batch, eval uses 2048)")
     p.add_argument("--max-eval", type=int, default=0, help="cap on evaluation examples (0: all)")
 
 
@@ -101,7 +103,13 @@ def _build(args: argparse.Namespace):
     from edge.runtime import Runtime, RuntimeConfig
     from edge.tasks import DEFAULT_TEMPLATE, ClassificationTask, GenerationTask
 
-    rt = Runtime(args.model, RuntimeConfig(n_ctx=args.n_ctx, n_seq_max=max(args.batch_size, 1), n_threads=args.threads))
+    if args.n_ctx < 0:
+        raise ValueError(f"--n-ctx must be >= 0, got {args.n_ctx}")
+    # train with --n-ctx 0 starts small and fits the context to its data (Runtime.fit_context): a 2,048-cell
+    # context made first would already count in the process's peak RSS
+    auto = 256 if getattr(args, "command", "") == "train" else 2048
+    rt = Runtime(args.model, RuntimeConfig(n_ctx=args.n_ctx or auto, n_seq_max=max(args.batch_size, 1),
+                                           n_threads=args.threads))
     if args.task == "classification":
         task = ClassificationTask(rt, parse_label_words(args.label_words), args.template or DEFAULT_TEMPLATE)
     else:
@@ -187,6 +195,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             eval_rows = eval_rows[: args.max_eval]
         train_set = [task.encode(r) for r in train_rows]
         eval_set = [task.encode(r) for r in eval_rows]
+        if not args.n_ctx:  # a KV cache no bigger than the longest batch needs (it is resident memory)
+            val_lengths = [len(task.encode(r).tokens) for r in val_rows]
+            rt.fit_context([len(e.tokens) for e in train_set + eval_set] + val_lengths, max(args.batch_size, 1))
         layers = tuple(int(x) for x in args.layers.split(",") if x.strip())
         if args.kind == "control":  # llama.cpp has no control-vector slot for layer 0
             spec = AdapterSpec("control", rt.dims(), layers=layers or tuple(range(1, rt.n_layer)))

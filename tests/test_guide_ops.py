@@ -274,3 +274,87 @@ def test_status_needs_a_token_and_versions_are_negotiated(tmp_path):
     assert closed["version"].code == "version_mismatch" and "[99, 100]" in closed["version"].message
     public = asyncio.run(main(True))
     assert isinstance(public["anon"], dict) and public["anon"]["clients"] == []
+
+
+# ---- the operator's own public data ---------------------------------------------------------------------
+def _reviews(n: int = 40) -> list[dict]:
+    pos = ["a joy to watch", "great acting", "moving and funny", "superb", "clever and warm"]
+    neg = ["dull and long", "I hated it", "a boring mess", "tedious", "the worst film"]
+    return [{"review": (pos if i % 2 else neg)[i % 5] + f" #{i}", "stars": "good" if i % 2 else "bad"}
+            for i in range(n)]
+
+
+def test_guide_trains_on_the_operators_csv_jsonl_or_datasets_folder(tmp_path, tiny_llama_dir):
+    """[data] source = the operator's compressed CSV (or JSONL, or a save_to_disk folder) with its own fields,
+    label words and template: the guide's cloud task is built from them and the log says what was read."""
+    import csv
+    import gzip
+    import json
+
+    import datasets
+
+    from cloud.cli import build_server
+    from cloud.public_data import load_public
+
+    rows = _reviews()
+    csv_gz = tmp_path / "reviews.csv.gz"
+    with gzip.open(csv_gz, "wt", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["review", "stars"])
+        w.writeheader()
+        w.writerows(rows + [{"review": "", "stars": "good"}])  # an empty text is dropped, and counted
+    data = {"source": str(csv_gz), "text_field": "review", "label_field": "stars",
+            "label_words": {"bad": "negative", "good": "positive"}, "template": "Film: {text}\nVerdict:",
+            "public_n": 16, "batch": 4}
+    cfg = GuideConfig.from_dict({
+        "server": {"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
+                   "insecure": True},
+        "model": {"path": str(tiny_llama_dir), "rank": 2, "alpha": 4.0}, "data": data,
+        "train": {"kind": "subspace", "k": 4}, "cloud": {"warm_steps": 1, "batch": 4}})
+    srv = build_server(cfg)
+    try:
+        task = srv.guidance.scorer.task
+        assert task.template == "Film: {text}\nVerdict:" and task.label_words == (" negative", " positive")
+        logged = [json.loads(x) for x in (tmp_path / "guide.jsonl").read_text().splitlines()]
+        pub = next(e for e in logged if e["event"] == "public_data")
+        assert pub["rows"] == 41 and pub["dropped"] == 1 and pub["used"] == 16 and pub["classes"] == {
+            "bad": 20, "good": 20}
+    finally:
+        srv.guidance.close()
+        srv.store.close()
+    # the same rows as JSONL and as a datasets folder give the same slice
+    jl = tmp_path / "reviews.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    folder = tmp_path / "reviews-ds"
+    datasets.Dataset.from_list(rows).save_to_disk(str(folder))
+    from cloud.config import DataConfig
+
+    base = {k: v for k, v in data.items() if k not in ("source", "public_n", "batch")}
+    a, _ = load_public(DataConfig(source=str(jl), **base))
+    b, _ = load_public(DataConfig(source=str(folder), **base))
+    assert a == b and len(a) == 40 and a.labels[:2] == [0, 1]
+
+
+def test_public_data_that_does_not_match_the_task_is_refused(tmp_path):
+    import json
+
+    from cloud.config import DataConfig
+    from cloud.public_data import PublicDataError, load_public
+
+    jl = tmp_path / "r.jsonl"
+    jl.write_text("".join(json.dumps(r) + "\n" for r in _reviews(10)))
+    words = {"bad": "negative", "good": "positive"}
+    with pytest.raises(PublicDataError, match=r"labels \{'good': 5\} are not in \[data\] label_words"):
+        load_public(DataConfig(source=str(jl), text_field="review", label_field="stars",
+                               label_words={"bad": "negative", "meh": "positive"}))
+    with pytest.raises(PublicDataError, match=r"no column \['text'\] \(columns: \['review', 'stars'\]\)"):
+        load_public(DataConfig(source=str(jl), label_field="stars", label_words=words))
+    with pytest.raises(PublicDataError, match="not found"):
+        load_public(DataConfig(source=str(tmp_path / "nope.csv")))
+    bad = tmp_path / "broken.csv.gz"
+    bad.write_bytes(b"\x1f\x8b\x08\x00garbage")
+    with pytest.raises(PublicDataError, match="broken.csv.gz: cannot be read"):
+        load_public(DataConfig(source=str(bad), label_words=words))
+    with pytest.raises(ValueError, match="template must contain"):
+        DataConfig(template="no slot")
+    with pytest.raises(ValueError, match="two or more"):
+        DataConfig(label_words={"a": "yes"})

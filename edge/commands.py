@@ -124,7 +124,14 @@ def _rows(args: argparse.Namespace, path: str, task):
     ds = load_rows(path, args.text_field, args.label_field, labels)
     if ds.skipped:
         print(f"edgezo: {path}: skipped {ds.skipped} rows {ds.reasons}", file=sys.stderr)
+        for line, why in ds.problems[:MAX_REPORTED_ROWS]:
+            print(f"edgezo: {path}:{line}: {why}", file=sys.stderr)
+        if len(ds.problems) > MAX_REPORTED_ROWS:
+            print(f"edgezo: {path}: ... and {len(ds.problems) - MAX_REPORTED_ROWS} more skipped rows", file=sys.stderr)
     return ds.rows
+
+
+MAX_REPORTED_ROWS = 50  # skipped rows named one by one on stderr; the rest are counted
 
 
 def _fail(msg: str) -> int:

@@ -1,7 +1,8 @@
 """Training data: CSV or JSONL rows (optionally .gz / .bz2) of text+label or prompt+completion.
 
-Rows that are malformed (missing field, empty text, label outside the label map) are skipped and counted,
-never fatal; a file with no usable row is an error. Shuffling and the train/eval split are deterministic in a
+Rows that are malformed (unparsable, wrong field count, missing field, empty text, label outside the label map)
+are skipped and reported with their line numbers, never fatal, and reading goes on to the end of the file; a file
+with no usable row, or corrupt compressed input, is an error naming the file. Shuffling and the train/eval split are deterministic in a
 seed (numpy Generator), so the edge and a re-run see the same examples in the same order.
 """
 
@@ -13,6 +14,7 @@ import gzip
 import io
 import json
 import os
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -33,9 +35,12 @@ class Row:
 
 @dataclass
 class Dataset:
+    """Usable rows, and every row that was not: ``problems`` lists (line number, reason), in file order."""
+
     rows: list[Row]
     skipped: int = 0
     reasons: dict[str, int] = field(default_factory=dict)
+    problems: list[tuple[int, str]] = field(default_factory=list)
 
 
 def _open_text(path: Path) -> io.TextIOBase:
@@ -47,28 +52,67 @@ def _open_text(path: Path) -> io.TextIOBase:
     return open(path, encoding="utf-8", errors="replace", newline="")
 
 
+def _csv_records(f, delimiter: str):
+    """(line, dict | None, reason) per CSV row; a malformed row is reported and reading goes on."""
+    reader = csv.reader(f, delimiter=delimiter)
+    try:
+        header = next(reader)
+    except StopIteration:
+        return
+    except csv.Error as e:
+        raise DataError(f"line 1: the header row cannot be parsed ({e})") from e
+    last = reader.line_num
+    while True:
+        start = last + 1
+        try:
+            row = next(reader)
+        except StopIteration:
+            return
+        except csv.Error as e:
+            last = reader.line_num
+            yield start, None, f"unparsable CSV ({e})"
+            continue
+        last = reader.line_num
+        if not row:
+            continue
+        if len(row) != len(header):
+            yield start, None, f"{len(row)} fields, the header has {len(header)}"
+            continue
+        yield start, dict(zip(header, row, strict=True)), ""
+
+
+def _json_records(f):
+    for i, line in enumerate(f, 1):
+        if not line.strip():
+            continue
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError as e:
+            yield i, None, f"not JSON ({e.msg})"
+            continue
+        yield (i, rec, "") if isinstance(rec, dict) else (i, None, "not a JSON object")
+
+
 def _records(path: Path):
-    """Yield dicts (or None for an unparsable line) from a CSV or JSONL file."""
+    """Yield (line number, dict or None, reason) from a CSV/TSV or JSONL file; corrupt compressed input is a
+    DataError naming the last line read."""
     stem = path.name.lower().removesuffix(".bz2").removesuffix(".gz")
-    with _open_text(path) as f:
-        if stem.endswith(".csv") or stem.endswith(".tsv"):
-            reader = csv.DictReader(f, delimiter="\t" if stem.endswith(".tsv") else ",")
-            try:
-                yield from reader
-            except csv.Error:
-                yield None
-        elif stem.endswith(".jsonl") or stem.endswith(".json"):
-            for line in f:
-                if not line.strip():
-                    continue
-                try:
-                    rec = json.loads(line)
-                except json.JSONDecodeError:
-                    yield None
-                    continue
-                yield rec if isinstance(rec, dict) else None
-        else:
-            raise DataError(f"{path}: unknown data format (use .csv, .tsv or .jsonl, optionally .gz/.bz2)")
+    if stem.endswith((".csv", ".tsv")):
+        parse = lambda f: _csv_records(f, "\t" if stem.endswith(".tsv") else ",")  # noqa: E731
+    elif stem.endswith((".jsonl", ".json")):
+        parse = _json_records
+    else:
+        raise DataError(f"{path}: unknown data format (use .csv, .tsv or .jsonl, optionally .gz/.bz2)")
+    line = 0
+    try:
+        with _open_text(path) as f:
+            for rec in parse(f):
+                line = rec[0]
+                yield rec
+    except (OSError, EOFError, zlib.error, ValueError) as e:
+        if isinstance(e, DataError):
+            raise DataError(f"{path}: {e}") from e
+        raise DataError(f"{path}: corrupt or truncated file after line {line} ({type(e).__name__}: {e})") from e
 
 
 def load_rows(
@@ -77,33 +121,35 @@ def load_rows(
     label_field: str = "label",
     labels: set[str] | None = None,
 ) -> Dataset:
-    """Usable rows of ``path``. ``labels``: keep only rows whose label is one of these (others are skipped)."""
+    """Usable rows of ``path``. ``labels``: keep only rows whose label is one of these (others are skipped).
+    Every skipped row is recorded with its line number (``Dataset.problems``); reading never stops early."""
     p = Path(path)
     if not p.is_file():
         raise DataError(f"data file not found: {p}")
     ds = Dataset(rows=[])
 
-    def skip(reason: str) -> None:
+    def skip(line: int, reason: str, key: str | None = None) -> None:
         ds.skipped += 1
-        ds.reasons[reason] = ds.reasons.get(reason, 0) + 1
+        ds.reasons[key or reason] = ds.reasons.get(key or reason, 0) + 1
+        ds.problems.append((line, reason))
 
-    for rec in _records(p):
+    for line, rec, why in _records(p):
         if rec is None:
-            skip("unparsable")
+            skip(line, why, "unparsable")
             continue
         text, label = rec.get(text_field), rec.get(label_field)
         if text is None or label is None:
-            skip(f"missing {text_field!r} or {label_field!r}")
+            skip(line, f"missing {text_field!r} or {label_field!r}")
             continue
         text, label = str(text).strip(), str(label).strip()
         if not text:
-            skip("empty text")
+            skip(line, "empty text")
             continue
         if labels is not None and label not in labels:
-            skip("label not in label map")
+            skip(line, f"label {label[:40]!r} not in the label map", "label not in label map")
             continue
         if labels is None and not label:
-            skip("empty completion")
+            skip(line, "empty completion")
             continue
         ds.rows.append(Row(text, label))
     if not ds.rows:

@@ -137,3 +137,35 @@ def test_peak_rss_of_a_child_is_its_own() -> None:
     # Assert: the child (numpy + llama_cpp imported) stays far below the parent's 400 MiB
     assert float(out) < 250.0
     del ballast
+
+
+def test_malformed_rows_are_reported_by_line_and_reading_goes_on(tmp_path):
+    """A CSV with a bad row in the middle keeps every good row after it; each skipped row has its line number."""
+    f = tmp_path / "d.csv"
+    f.write_text('text,label\na good film,fresh\n"one, two",fresh,extra\n' + "x" * 200_000 + ',rotten\n'
+                 '"multi\nline text",rotten\n,fresh\nlast good row,rotten\n')  # line 4: over csv's field limit
+    ds = load_rows(f, labels={"fresh", "rotten"})
+    assert [r.text for r in ds.rows] == ["a good film", "multi\nline text", "last good row"]
+    assert [line for line, _ in ds.problems] == [3, 4, 7]
+    assert "3 fields, the header has 2" in ds.problems[0][1] and "empty text" == ds.problems[2][1]
+    j = tmp_path / "d.jsonl"
+    j.write_text('{"text": "ok", "label": "fresh"}\n{broken\n[1]\n{"text": "also ok", "label": "rotten"}\n')
+    dj = load_rows(j, labels={"fresh", "rotten"})
+    assert len(dj.rows) == 2 and [line for line, _ in dj.problems] == [2, 3]
+
+
+def test_corrupt_or_truncated_compressed_data_is_one_clear_line(tiny_llama_gguf, reviews, tmp_path):
+    import gzip
+
+    good = gzip.compress(("text,label\n" + "".join(f"review {i},fresh\n" for i in range(400))).encode())
+    trunc = tmp_path / "t.csv.gz"
+    trunc.write_bytes(good[: len(good) // 2])
+    with pytest.raises(DataError, match=r"t.csv.gz: corrupt or truncated file after line \d+"):
+        load_rows(trunc)
+    junk = tmp_path / "j.csv.gz"
+    junk.write_bytes(b"not gzip at all")
+    r = _cli(*_train_args(tiny_llama_gguf, junk, tmp_path / "a.gguf", 2), check=False)
+    assert r.returncode == 2
+    last = r.stderr.strip().splitlines()[-1]
+    assert last.startswith("edgezo: error: ") and "j.csv.gz: corrupt or truncated file after line 0" in last
+    assert "Traceback" not in r.stderr

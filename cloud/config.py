@@ -257,6 +257,44 @@ class DataConfig:
         object.__setattr__(self, "label_words", {str(k): str(v) for k, v in words.items()})
 
 
+WIRE_GUIDANCE = ("q8", "q4", "fp16", "fp32", "adaptive")
+
+
+@dataclass(frozen=True)
+class WireConfig:
+    """How guidance (Q / U and g_B) travels to the edges. ``guidance``: a fixed codec, or "adaptive" with mode A
+    (``target``: relative L2 error per chunk) or mode B (``budget``: bytes for U, spent where they lower the error
+    most). The edges and the cloud's replay both use the decoded bits. θ goes dense fp32 (``theta = "fp32"``, the
+    only form the merge rule of round v2 can send exactly; anything else is refused)."""
+
+    guidance: str = "q8"
+    target: float = 0.0  # adaptive mode A; 0 with budget 0: mode A at 0.02
+    budget: int = 0  # adaptive mode B, bytes of the basis
+    theta: str = "fp32"
+
+    def __post_init__(self) -> None:
+        if self.guidance not in WIRE_GUIDANCE:
+            raise ValueError(f"[wire] guidance must be one of {list(WIRE_GUIDANCE)}, got {self.guidance!r}")
+        if self.theta != "fp32":
+            raise ValueError(f"[wire] theta = {self.theta!r} is not supported: θ goes dense fp32 (replay-form and "
+                             "lossy θ are not implemented for round v2's merge)")
+        if self.target < 0 or self.budget < 0:
+            raise ValueError("[wire] target and budget must be >= 0")
+        if self.target and self.budget:
+            raise ValueError("[wire] give target (mode A) or budget (mode B), not both")
+        if (self.target or self.budget) and self.guidance != "adaptive":
+            raise ValueError(f"[wire] target/budget apply to guidance = 'adaptive', not {self.guidance!r}")
+
+    def codec(self):
+        """(basis codec, gradient codec) for protocol.messages.Guidance.from_guide."""
+        if self.guidance != "adaptive":
+            return self.guidance, self.guidance
+        from protocol.codecs import AdaptiveConfig
+
+        basis = AdaptiveConfig(budget=self.budget) if self.budget else AdaptiveConfig(target=self.target or 0.02)
+        return basis, AdaptiveConfig(target=self.target or 0.02)
+
+
 @dataclass(frozen=True)
 class GuideConfig:
     server: ServerConfig = field(default_factory=ServerConfig)
@@ -265,6 +303,7 @@ class GuideConfig:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     cloud: CloudConfig = field(default_factory=CloudConfig)
+    wire: WireConfig = field(default_factory=WireConfig)
     tokens: dict[str, str] = field(default_factory=dict)  # client id → shared secret
 
     def __post_init__(self) -> None:
@@ -277,7 +316,8 @@ class GuideConfig:
         """From a TOML-shaped mapping; unknown keys are errors (typos must not pass silently)."""
         parts: dict[str, Any] = {}
         for name, typ in (("server", ServerConfig), ("rounds", RoundConfig), ("train", TrainConfig),
-                          ("model", ModelConfig), ("data", DataConfig), ("cloud", CloudConfig)):
+                          ("model", ModelConfig), ("data", DataConfig), ("cloud", CloudConfig),
+                          ("wire", WireConfig)):
             sect = dict(d.get(name, {}))
             known = {f.name for f in dataclasses.fields(typ)}
             bad = set(sect) - known
@@ -294,7 +334,7 @@ class GuideConfig:
             raise ValueError("[cloud] configures the leading cloud of kind = 'subspace'; this guide uses 'guided'")
         clients = dict(d.get("clients", {}))
         tokens = {str(k): str(v) for k, v in dict(clients.get("tokens", {})).items()}
-        bad = set(d) - {"server", "rounds", "train", "model", "data", "cloud", "clients"}
+        bad = set(d) - {"server", "rounds", "train", "model", "data", "cloud", "wire", "clients"}
         if bad:
             raise ValueError(f"unknown sections {sorted(bad)}")
         return cls(tokens=tokens, **parts)

@@ -353,10 +353,10 @@ class GuideServer:
                 fut.set_result("round")  # _on_round_request sends the cached frame
 
     def _wire_for(self, round_id: int, g: Guidance) -> WireGuidance:
-        """Round ``round_id``'s guidance compressed once (q8): the same bits go to prefetching clients and into
+        """Round ``round_id``'s guidance compressed once ([wire]): the same bits go to prefetching clients and into
         RoundStart, so a prefetched guide_id matches the round's."""
         if round_id not in self._wire_cache:
-            self._wire_cache[round_id] = compress_guidance(g.guide)[0]
+            self._wire_cache[round_id] = compress_guidance(g.guide, self.cfg.wire.codec())[0]
             for old in [r for r in self._wire_cache if r < round_id - 1]:
                 del self._wire_cache[old]
         return self._wire_cache[round_id]

@@ -33,9 +33,10 @@ from protocol.zo import Guide, Schedule
 GUIDANCE_CODEC = "q8"  # what the guide sends Q / U and g_B as (the plan keeps the decoded arrays)
 
 
-def compress_guidance(guide: Guide) -> tuple[WireGuidance, Guide]:
-    """(wire form, decoded guide): edges and the replay both use the decoded bits, so replay stays exact."""
-    wire = WireGuidance.from_guide(guide, GUIDANCE_CODEC, GUIDANCE_CODEC)
+def compress_guidance(guide: Guide, codec=(GUIDANCE_CODEC, GUIDANCE_CODEC)) -> tuple[WireGuidance, Guide]:
+    """(wire form, decoded guide): edges and the replay both use the decoded bits, so replay stays exact.
+    ``codec``: (basis, gradient) codecs, guide.toml ``[wire]`` (cloud.config.WireConfig.codec)."""
+    wire = WireGuidance.from_guide(guide, *codec)
     return wire, wire.to_guide()
 
 

@@ -358,3 +358,49 @@ def test_public_data_that_does_not_match_the_task_is_refused(tmp_path):
         DataConfig(template="no slot")
     with pytest.raises(ValueError, match="two or more"):
         DataConfig(label_words={"a": "yes"})
+
+
+def test_wire_section_sets_the_guidance_codec_and_replay_stays_exact(tmp_path):
+    """[wire] guidance = "adaptive" (mode A target / mode B budget) changes the bytes a round sends; the client's
+    θ after the round equals the guide's θ_1 (one client, edge_weight 1), i.e. both used the decoded bits."""
+    import json
+
+    from cloud.config import WireConfig
+
+    def run(sub: str, **wire):
+        cfg = GuideConfig.from_dict({
+            "server": {"port": 0, "state_dir": str(tmp_path / sub / "state"), "insecure": True,
+                       "log_file": str(tmp_path / sub / "guide.jsonl"), "long_poll_s": 1.0},
+            "rounds": {"rounds": 1, "min_clients": 1, "max_clients": 1, "deadline_s": 10.0, "join_window_s": 0.0},
+            "train": {"kind": "guided", "local_steps": 2, "lr": 0.01, "lam": 0.0, "q": 1, "k": 8},
+            "wire": wire, "clients": {"tokens": TOKENS}})
+        srv = GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)),
+                          guidance=StaticGuidance(d=SPEC.d, k=8, alpha=0.5, rng=np.random.default_rng(0)))
+
+        async def main():
+            await srv.start()
+            try:
+                cl = _client(srv.port, tmp_path / sub, insecure=True)
+                await asyncio.wait_for(cl.run(), 30)
+                return cl.theta
+            finally:
+                await srv.stop()
+
+        theta_client = asyncio.run(main())
+        frames = [json.loads(x) for x in (tmp_path / sub / "guide.jsonl").read_text().splitlines()
+                  if '"round_frame"' in x]
+        theta1 = srv.store.load_theta(1)
+        return frames[0]["guidance_bytes"], theta_client, theta1
+
+    q8, tc_q8, t1_q8 = run("q8")
+    a, tc_a, t1_a = run("a", guidance="adaptive", target=0.2)
+    f32, _, _ = run("f32", guidance="fp32")
+    assert a < q8 < f32
+    np.testing.assert_array_equal(tc_q8, t1_q8)
+    np.testing.assert_array_equal(tc_a, t1_a)
+    with pytest.raises(ValueError, match="not supported"):
+        WireConfig(theta="q8")
+    with pytest.raises(ValueError, match="apply to guidance = 'adaptive'"):
+        WireConfig(target=0.1)
+    with pytest.raises(ValueError, match="unknown keys"):
+        GuideConfig.from_dict({"wire": {"guidence": "q8"}})

@@ -404,3 +404,19 @@ def test_wire_section_sets_the_guidance_codec_and_replay_stays_exact(tmp_path):
         WireConfig(target=0.1)
     with pytest.raises(ValueError, match="unknown keys"):
         GuideConfig.from_dict({"wire": {"guidence": "q8"}})
+
+
+def test_the_shipped_service_unit_verifies(tmp_path):
+    """docs/edgezo-guide.service passes `systemd-analyze verify` (ExecStart pointed at this install's edgezo)."""
+    import shutil
+
+    if shutil.which("systemd-analyze") is None:
+        pytest.skip("systemd-analyze is not installed")
+    unit = (REPO / "docs" / "edgezo-guide.service").read_text()
+    assert "ExecStart=/opt/edgezo/venv/bin/edgezo guide serve --config /etc/edgezo/guide.toml" in unit
+    assert "Restart=on-failure" in unit and "User=edgezo" in unit and "StateDirectory=edgezo-guide" in unit
+    local = tmp_path / "edgezo-guide.service"
+    local.write_text(unit.replace("/opt/edgezo/venv/bin/edgezo", str(Path(sys.executable).with_name("edgezo"))))
+    r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
+    problems = [x for x in (r.stdout + r.stderr).splitlines() if "edgezo-guide.service" in x]
+    assert r.returncode == 0 and not problems, r.stdout + r.stderr

@@ -100,7 +100,7 @@ def study_data(cfg: StudyConfig) -> dict:
 
 def edge_gguf(cfg: StudyConfig, cache: Path) -> str:
     """The edge model: the packaged Q4_1 converted once (GGUF → HF fp32 → quant) into ``cache``."""
-    from cloud.demo import smollm2_path
+    from edge.models import smollm2_path
 
     src = smollm2_path()
     if cfg.quant == "q4_1":
@@ -122,7 +122,7 @@ def cloud_scorer(cfg: StudyConfig, seed: int):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from cloud.demo import smollm2_path
+    from edge.models import smollm2_path
     from cloud.model import ClassificationTask, LoRAModel, TorchScorer, load_base, spec_for
 
     hf_logging.disable_progress_bar()

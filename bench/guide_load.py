@@ -1,6 +1,6 @@
 """Load test of the guide daemon: N simulated clients (protocol only, no model) on 127.0.0.1.
 
-The daemon runs as a real subprocess (``python -m edge.cli guide serve`` in model-free mode), so its peak RSS
+The daemon runs as a real subprocess (``python -m app guide serve`` in model-free mode), so its peak RSS
 is measured from outside (psutil, sampled every 20 ms). Every simulated client authenticates, joins each
 round, uploads valid (seed, g) records for it and waits for the ack; the ack latency is measured from the
 first byte of the upload to the ack. Bounded: R rounds, then every client says bye; a global timeout stops
@@ -157,7 +157,7 @@ def main(argv: list[str] | None = None) -> int:
         f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nlam = 0.0\nk = 4\n[clients.tokens]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    proc = subprocess.Popen([sys.executable, "-m", "edge.cli", "guide", "serve", "--config", str(cfg),
+    proc = subprocess.Popen([sys.executable, "-m", "app", "guide", "serve", "--config", str(cfg),
                              "--dims", args.dims], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(tmp / "daemon.err", "wb"))  # noqa: SIM115
     try:

@@ -1,6 +1,6 @@
-"""``edgezo guide serve|status`` and ``edgezo demo``: the cloud subcommands (registered by edge/cli.py).
+"""``edgezo guide serve|status|cert``: the cloud subcommands (registered by app/cli.py).
 
-Heavy imports (torch, transformers) happen inside handlers, after ``edge.cli.require_cloud()``; a guide without
+Heavy imports (torch, transformers) happen inside handlers, after ``cloud.extras.require_cloud()``; a guide without
 a model (``[model] path = ""``: static guidance, for load tests) runs without torch.
 """
 
@@ -13,7 +13,7 @@ import sys
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add ``guide`` (serve, status) and ``demo``."""
+    """Add ``guide`` (serve, status, cert)."""
     g = sub.add_parser("guide", help="the cloud guide daemon (federated rounds, guidance, aggregation)")
     gs = g.add_subparsers(dest="guide_command", metavar="ACTION")
     s = gs.add_parser("serve", help="run the guide daemon (asyncio TCP, SQLite state; SIGTERM stops cleanly)")
@@ -47,18 +47,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     c.set_defaults(handler=cmd_cert)
     g.set_defaults(handler=lambda a: (g.print_help(), 2)[1])
 
-    d = sub.add_parser("demo", help="round v2 on loopback: a guide leading on movie snippets, two SmolLM2-135M "
-                                    "edges correcting on private tweets; prints zero-shot / cloud-only / edgezo")
-    d.add_argument("--rounds", type=int, default=None)
-    d.add_argument("--local-steps", type=int, default=None)
-    d.add_argument("--batch", type=int, default=None, help="examples per forward pass")
-    d.add_argument("--k", type=int, default=None, help="subspace size (4-128)")
-    d.add_argument("--warm-steps", type=int, default=None, help="the cloud's AdamW steps before round 0")
-    d.add_argument("--val-n", type=int, default=None)
-    d.add_argument("--test-n", type=int, default=None)
-    d.add_argument("--out", default="edgezo-demo", help="output folder (plot, JSON summary, guide state)")
-    d.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
-    d.set_defaults(handler=cmd_demo)
 
 
 def _config_from_args(args: argparse.Namespace):
@@ -100,7 +88,7 @@ def build_server(cfg, *, dims: str | None = None):
     m, tc = cfg.model, cfg.train
     rng = np.random.default_rng(cfg.data.seed)
     if m.path:
-        from edge.cli import require_cloud
+        from cloud.extras import require_cloud
 
         require_cloud()
         from pathlib import Path
@@ -204,8 +192,8 @@ async def fetch_status(host: str, port: int, timeout: float = 10.0, tls=None, cl
 
 
 def cmd_status(args: argparse.Namespace) -> int:
-    from edge.client import parse_addr
     from protocol.errors import ProtocolError
+    from protocol.framing import parse_addr
 
     try:
         host, port = parse_addr(args.addr)
@@ -253,26 +241,4 @@ def cmd_cert(args: argparse.Namespace) -> int:
     print(f"wrote {cert} and {key}\n"
           f"guide.toml:  [server] tls_cert = \"{cert}\"  tls_key = \"{key}\"\n"
           f"each edge:   edgezo train ... --guide HOST:PORT --ca {cert}")
-    return 0
-
-
-def cmd_demo(args: argparse.Namespace) -> int:
-    from edge.cli import require_cloud
-
-    require_cloud()
-    from cloud.demo import DemoConfig, run_demo
-
-    kw = {}
-    if args.rounds is not None:
-        kw["rounds"] = args.rounds
-    for name in ("local_steps", "batch", "k", "warm_steps", "val_n", "test_n"):
-        if getattr(args, name) is not None:
-            kw[name] = getattr(args, name)
-    try:
-        cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
-    except ValueError as e:
-        print(f"edgezo demo: {e}", file=sys.stderr)
-        return 2
-    summary = run_demo(cfg, out=args.out)
-    print(json.dumps({k: summary[k] for k in ('zero_shot', 'cloud_only', 'after', 'seconds', 'plot')}, default=str))
     return 0

@@ -1,7 +1,7 @@
 """A minimal llama.cpp evaluator for checking conversions: logits at every position, tokenization.
 
 Exact settings (F32 KV cache, flash attention off) so that an F32 GGUF can be compared with torch at 1e-4.
-Models are loaded with the edge runtime's AMX guard (edge.runtime.safe_model_params).
+Models are loaded with the AMX guard (convert.llamacpp.safe_model_params, shared with the edge runtime).
 """
 
 from __future__ import annotations
@@ -15,17 +15,11 @@ import llama_cpp
 import numpy as np
 
 from convert.errors import ConvertError
+from convert.llamacpp import safe_model_params
 
 
 def model_params() -> llama_cpp.llama_model_params:
     """Default model params with the AMX guard (use_extra_bufts off where AMX quantized matmul crashes)."""
-    try:
-        from edge.runtime import safe_model_params
-    except ImportError:  # an install without the edge package: apply the same guard here
-        params = llama_cpp.llama_model_default_params()
-        if b"AMX_INT8 = 1" in (llama_cpp.llama_print_system_info() or b""):
-            params.use_extra_bufts = False
-        return params
     return safe_model_params()
 
 

@@ -36,7 +36,7 @@ from protocol.auth import client_handshake
 from protocol.codecs import EncodedArray
 from protocol.constants import DEFAULT_MAX_FRAME, MAX_GUIDE_IDS
 from protocol.errors import AuthError, ProtocolError
-from protocol.framing import read_frame, write_frame
+from protocol.framing import parse_addr, read_frame, write_frame
 from protocol.messages import (
     Ack,
     Bye,
@@ -103,14 +103,6 @@ class ClientConfig:
             return client_ssl_context(self.ca or None)
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"CA file {self.ca} cannot be loaded: {e}") from e
-
-
-def parse_addr(addr: str) -> tuple[str, int]:
-    """``host:port`` → (host, port)."""
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ValueError(f"address must be host:port, got {addr!r}")
-    return host or "127.0.0.1", int(port)
 
 
 def client_seed(client_id: str) -> int:

@@ -1,4 +1,4 @@
-"""``edgezo train`` and ``edgezo eval``: the edge subcommands (registered by edge/cli.py)."""
+"""``edgezo train`` and ``edgezo eval``: the edge subcommands (registered by app/cli.py)."""
 
 from __future__ import annotations
 

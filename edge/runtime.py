@@ -18,6 +18,8 @@ from pathlib import Path
 import llama_cpp
 import numpy as np
 
+from convert.llamacpp import needs_amx_guard, safe_model_params  # noqa: F401 - re-exported
+
 GGUF_MAGIC = b"GGUF"
 
 
@@ -25,26 +27,7 @@ class RuntimeErrorEZ(RuntimeError):
     """A model or adapter could not be loaded or evaluated; the message names the problem."""
 
 
-# ---- AMX guard ---------------------------------------------------------------------------------------
-def needs_amx_guard(system_info: bytes) -> bool:
-    """True when this llama.cpp build uses AMX, whose quantized mat-mul segfaults (ggml_backend_amx_mul_mat)."""
-    return b"AMX_INT8 = 1" in system_info
-
-
-def safe_model_params(system_info: bytes | None = None) -> llama_cpp.llama_model_params:
-    """Default model params with ``use_extra_bufts=False`` when the build uses AMX (avoids the AMX crash).
-
-    Turning extra buffer types off also disables weight repacking, so it is done only where needed.
-    ``system_info`` is for tests; by default ``llama_print_system_info()`` is asked.
-    """
-    if system_info is None:
-        system_info = llama_cpp.llama_print_system_info() or b""
-    params = llama_cpp.llama_model_default_params()
-    if needs_amx_guard(system_info):
-        params.use_extra_bufts = False
-    return params
-
-
+# ---- AMX guard: convert.llamacpp (shared with convert's evaluator), re-exported here -----------------------
 # ---- logging -----------------------------------------------------------------------------------------
 @llama_cpp.llama_log_callback
 def _silent_log(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:  # pragma: no cover - C callback

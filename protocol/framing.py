@@ -67,3 +67,11 @@ async def write_frame(writer: asyncio.StreamWriter, message: Message, *, timeout
     except asyncio.TimeoutError:
         raise FrameTimeout(f"peer did not accept a {len(frame)}-byte frame within {timeout} s") from None
     return len(frame)
+
+
+def parse_addr(addr: str) -> tuple[str, int]:
+    """``host:port`` → (host, port)."""
+    host, sep, port = addr.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ValueError(f"address must be host:port, got {addr!r}")
+    return host or "127.0.0.1", int(port)

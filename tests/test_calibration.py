@@ -149,7 +149,7 @@ def test_fit_rejects_bad_shapes():
 
 
 def _cli(*args):
-    return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=120)
+    return subprocess.run([sys.executable, "-m", "app", *map(str, args)], capture_output=True, text=True, timeout=120)
 
 
 @pytest.mark.parametrize("extra, msg", [

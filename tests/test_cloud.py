@@ -163,7 +163,7 @@ def test_update_roundtrip_and_rejects_garbage():
 
 # ---- daemon over loopback ------------------------------------------------------------------------
 def test_clients_run_rounds_and_status(tmp_path, capsys):
-    from edge.cli import main as edgezo
+    from app.cli import main as edgezo
 
     async def main():
         srv = _server(tmp_path, _tokens(3), rounds=2, min_clients=3, max_clients=3)
@@ -318,7 +318,7 @@ def _free_port() -> int:
 
 def _spawn(cfg_path: Path, log: Path) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.Popen([sys.executable, "-m", "edge.cli", "guide", "serve", "--config", str(cfg_path),
+    return subprocess.Popen([sys.executable, "-m", "app", "guide", "serve", "--config", str(cfg_path),
                              "--dims", "2,16,32,4,2"], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                             stderr=open(log, "ab"))  # noqa: SIM115
 

@@ -10,7 +10,7 @@ import pytest
 @pytest.mark.slow
 def test_demo_quick_runs_and_writes_plot(tmp_path, smollm2_gguf):
     # Prepare
-    from cloud.demo import DemoConfig, run_demo
+    from app.demo import DemoConfig, run_demo
 
     cfg = DemoConfig.quick(rounds=1, local_steps=1, test_n=16, val_n=8)
     # Execute

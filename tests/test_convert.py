@@ -17,7 +17,7 @@ import pytest
 from convert.errors import ConvertError
 from convert.hfio import read_hf_tensors, read_safetensors_file
 from convert.llama_eval import LlamaEval
-from edge.cli import main as edgezo
+from app.cli import main as edgezo
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -94,13 +94,13 @@ def test_cli_trains_and_evaluates_a_control_vector(tiny_llama_gguf, tmp_path):
     common = [str(a) for a in common]
     train = ["--kind", "control", "--steps", "3", "--out", str(out), "--eval-fraction", "0.34", "--no-progress",
              "--eps", "0.1", "--lr", "0.1"]
-    r = subprocess.run([sys.executable, "-m", "edge", "train", *common, *train],
+    r = subprocess.run([sys.executable, "-m", "app", "train", *common, *train],
                        capture_output=True, text=True, timeout=240)
     assert r.returncode == 0, r.stderr[-2000:]
     assert adapter_kind(out) == "control"
     _, tensors, _ = read_control_gguf(out, Runtime(tiny_llama_gguf, RuntimeConfig(n_ctx=64, n_seq_max=1)).dims())
     assert any(np.abs(v).max() > 0 for v in tensors.values())  # training moved the vector off zero
-    e = subprocess.run([sys.executable, "-m", "edge", "eval", *common, "--adapter", str(out)],
+    e = subprocess.run([sys.executable, "-m", "app", "eval", *common, "--adapter", str(out)],
                        capture_output=True, text=True, timeout=240)
     assert e.returncode == 0, e.stderr[-2000:]
     assert json.loads(e.stdout.strip().splitlines()[-1])["n"] == 6

@@ -19,7 +19,7 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 import edge.adapter, edge.client, edge.commands, edge.data, edge.runtime, edge.tasks, edge.train, edge.zo
 import protocol, convert.lora_gguf
-from edge.cli import build_parser, main
+from app.cli import build_parser, main
 parser = build_parser()
 assert {'train', 'eval', 'convert', 'guide', 'demo'} <= set(parser._subparsers._group_actions[0].choices)
 print('LOADED', sorted(m for m in sys.modules if m.split('.')[0] in {'torch', 'transformers'}))
@@ -36,7 +36,7 @@ def test_edge_modules_and_cli_work_without_torch() -> None:
 
 def test_cloud_command_without_torch_names_the_missing_extra() -> None:
     # Prepare
-    prelude = BLOCKED.split("from edge.cli")[0] + "from edge.cli import main\n"
+    prelude = BLOCKED.split("from app.cli")[0] + "from app.cli import main\n"
     # Execute
     help_out = subprocess.run(
         [sys.executable, "-c", prelude + "sys.exit(main(['guide', 'status', '--help']))"],

@@ -68,7 +68,7 @@ def test_calibrated_accuracy():
 
 
 def _cli(*args, check=True, timeout=240):
-    r = subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "app", *map(str, args)], capture_output=True, text=True, timeout=timeout)
     if check and r.returncode != 0:
         raise AssertionError(f"edgezo {args} failed rc={r.returncode}\n{r.stderr[-3000:]}")
     return r
@@ -87,7 +87,7 @@ def test_resume_after_sigkill_is_bit_identical(tiny_llama_gguf, reviews, tmp_pat
     _cli(*_train_args(tiny_llama_gguf, reviews, full, steps))
     part = tmp_path / "part.gguf"
     ckpt = tmp_path / "part.gguf.ckpt.npz"
-    proc = subprocess.Popen([sys.executable, "-m", "edge", *map(str, _train_args(tiny_llama_gguf, reviews, part, steps))],
+    proc = subprocess.Popen([sys.executable, "-m", "app", *map(str, _train_args(tiny_llama_gguf, reviews, part, steps))],
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     t0 = time.time()
     while not ckpt.exists() and proc.poll() is None and time.time() - t0 < 120:

@@ -79,7 +79,7 @@ def test_kill9_a_device_then_the_guide_and_every_acked_upload_is_in_the_replayed
     env = dict(os.environ, PYTHONPATH=str(REPO), EDGEZO_CACHE=str(tmp_path / "cache"))
 
     def guide() -> subprocess.Popen:
-        return subprocess.Popen([sys.executable, "-m", "edge.cli", "guide", "serve", "--config",
+        return subprocess.Popen([sys.executable, "-m", "app", "guide", "serve", "--config",
                                  str(tmp_path / "guide.toml")], cwd=REPO, env=env, stdout=subprocess.DEVNULL,
                                 stderr=open(tmp_path / "guide.err", "ab"))  # noqa: SIM115
 
@@ -89,7 +89,7 @@ def test_kill9_a_device_then_the_guide_and_every_acked_upload_is_in_the_replayed
             data.write_text("text,label\n" + "".join(f"{(POS if i % 2 else NEG)[(i + len(name)) % 6]} {name}{i},"
                                                      f"{'positive' if i % 2 else 'negative'}\n" for i in range(16)))
         return subprocess.Popen(
-            [sys.executable, "-m", "edge.cli", "train", "--model", str(tiny_llama_gguf), "--data", str(data),
+            [sys.executable, "-m", "app", "train", "--model", str(tiny_llama_gguf), "--data", str(data),
              "--label-words", "negative=negative,positive=positive", "--guide", f"127.0.0.1:{port}",
              "--client-id", name, "--token", TOKENS[name], "--ca", str(cert), "--state-dir", str(tmp_path / name),
              "--rank", "2", "--alpha", "4", "--threads", "1", "--n-ctx", "256", "--no-progress"],

@@ -109,7 +109,7 @@ def _serve(cfg_text: str, tmp_path: Path) -> subprocess.CompletedProcess:
     cfg = tmp_path / "guide.toml"
     cfg.write_text(cfg_text)
     env = dict(os.environ, PYTHONPATH=str(REPO))
-    return subprocess.run([sys.executable, "-m", "edge.cli", "guide", "serve", "--config", str(cfg), "--dims",
+    return subprocess.run([sys.executable, "-m", "app", "guide", "serve", "--config", str(cfg), "--dims",
                            "2,16,32,4,2"], cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
 
 
@@ -138,14 +138,14 @@ def test_guide_serve_startup_failures_are_one_line_exit_2(tmp_path):
 
 def test_guide_cert_makes_a_pair_and_never_overwrites(tmp_path):
     out = tmp_path / "tls"
-    r = subprocess.run([sys.executable, "-m", "edge.cli", "guide", "cert", "--out", str(out), "--host", "guide.lan",
+    r = subprocess.run([sys.executable, "-m", "app", "guide", "cert", "--out", str(out), "--host", "guide.lan",
                         "--host", "10.0.0.5"], capture_output=True, text=True, timeout=60, cwd=REPO)
     assert r.returncode == 0, r.stderr
     assert (out / "cert.pem").is_file() and (out / "key.pem").stat().st_mode & 0o077 == 0
     text = subprocess.run(["openssl", "x509", "-in", str(out / "cert.pem"), "-noout", "-text"], capture_output=True,
                           text=True).stdout
     assert "DNS:guide.lan" in text and "IP Address:10.0.0.5" in text
-    again = subprocess.run([sys.executable, "-m", "edge.cli", "guide", "cert", "--out", str(out)],
+    again = subprocess.run([sys.executable, "-m", "app", "guide", "cert", "--out", str(out)],
                            capture_output=True, text=True, timeout=60, cwd=REPO)
     assert again.returncode == 2 and "exists already" in again.stderr
     with pytest.raises(TLSError, match="at least one host"):

@@ -51,7 +51,7 @@ def _write_csv(path: Path, rows) -> Path:
 
 
 def _cli(*args, timeout=300):
-    r = subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=timeout)
+    r = subprocess.run([sys.executable, "-m", "app", *map(str, args)], capture_output=True, text=True, timeout=timeout)
     assert r.returncode == 0, f"edgezo {args[0]} failed rc={r.returncode}\n{r.stderr[-3000:]}"
     return r
 

@@ -225,7 +225,7 @@ def test_cli_split_layer_runs_frozen_bottom_and_refuses_bad_layers(tiny_llama_gg
         args = ["train", "--model", tiny_llama_gguf, "--data", data, "--label-words", "0=negative,1=positive",
                 "--steps", 2, "--out", tmp_path / "a.gguf", "--batch-size", 4, "--rank", 2, "--threads", 1,
                 "--n-ctx", 256, "--no-progress", *extra]
-        return subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True,
+        return subprocess.run([sys.executable, "-m", "app", *map(str, args)], capture_output=True, text=True,
                               timeout=240, env={**__import__("os").environ, "EDGEZO_CACHE": str(tmp_path / "c")})
 
     ok = cli("--layers", "1", "--split-layer", "1")
@@ -249,7 +249,7 @@ def test_bench_forward_prints_a_table_and_writes_json(tiny_llama_gguf, tmp_path)
     env = {**os.environ, "EDGEZO_CACHE": str(tmp_path / "c")}
     args = ["bench", "forward", "--model", tiny_llama_gguf, "--quants", "q8_0,q4_0", "--rounds", "1", "--reps", "2",
             "--batch", "4", "--threads", "1", "--json", out]
-    r = subprocess.run([sys.executable, "-m", "edge", *map(str, args)], capture_output=True, text=True, timeout=300,
+    r = subprocess.run([sys.executable, "-m", "app", *map(str, args)], capture_output=True, text=True, timeout=300,
                        env=env)
     assert r.returncode == 0, r.stderr[-2000:]
     assert "÷ q8_0" in r.stdout and "fastest here:" in r.stdout
@@ -258,6 +258,6 @@ def test_bench_forward_prints_a_table_and_writes_json(tiny_llama_gguf, tmp_path)
     assert res["types"]["q8_0"]["ratio_to_baseline"] == 1.0 and len(res["types"]["q4_0"]["forward_s"]) == 2
     assert sorted(p.name for p in (tmp_path / "c").glob("*.gguf")) == ["tiny-llama-f32.Q4_0.gguf",
                                                                        "tiny-llama-f32.Q8_0.gguf"]
-    bad = subprocess.run([sys.executable, "-m", "edge", "bench", "forward", "--quants", "q9"], capture_output=True,
+    bad = subprocess.run([sys.executable, "-m", "app", "bench", "forward", "--quants", "q9"], capture_output=True,
                          text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "unknown types ['q9']" in bad.stderr

@@ -5,8 +5,9 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import sys
+
+from cloud.extras import MissingExtra
 
 # (module, function) pairs that add subcommands to the parser: the CLI as a table.
 REGISTRARS: list[tuple[str, str]] = [
@@ -14,6 +15,7 @@ REGISTRARS: list[tuple[str, str]] = [
     ("edge.commands", "register"),
     ("edge.bench", "register"),
     ("cloud.cli", "register"),
+    ("app.demo", "register"),
 ]
 
 
@@ -51,25 +53,6 @@ def main(argv: list[str] | None = None) -> int:
     except MissingExtra as e:
         print(f"edgezo: {e}", file=sys.stderr)
         return 2
-
-
-class MissingExtra(RuntimeError):
-    """A subcommand needs an optional dependency group that is not installed."""
-
-
-def require_cloud() -> None:
-    """Raise MissingExtra with the install hint when torch/transformers are absent.
-
-    Probes with ``find_spec`` so the edge never imports torch, not even to check for it (importing it costs
-    seconds and hundreds of MB on a Pi, and the cloud command imports it itself).
-    """
-    for name in ("torch", "transformers"):
-        try:
-            found = importlib.util.find_spec(name) is not None
-        except (ModuleNotFoundError, ValueError):  # a blocking finder, or a module set to None
-            found = False
-        if not found:
-            raise MissingExtra(f"this command needs the cloud extra ({name} is missing): pip install 'edgezo[cloud]'")
 
 
 if __name__ == "__main__":

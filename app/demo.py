@@ -10,8 +10,10 @@
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import json
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -216,3 +218,40 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None 
     log(f"[demo] the edges added {100 * (curve[-1]['acc_calibrated'] - cloud_only['acc_calibrated']):+.1f} "
         f"calibrated points over the cloud alone; plot {out / 'accuracy.png'}")
     return summary
+
+
+def register(sub) -> None:
+    """Add ``demo``."""
+    d = sub.add_parser("demo", help="round v2 on loopback: a guide leading on movie snippets, two SmolLM2-135M "
+                                    "edges correcting on private tweets; prints zero-shot / cloud-only / edgezo")
+    d.add_argument("--rounds", type=int, default=None)
+    d.add_argument("--local-steps", type=int, default=None)
+    d.add_argument("--batch", type=int, default=None, help="examples per forward pass")
+    d.add_argument("--k", type=int, default=None, help="subspace size (4-128)")
+    d.add_argument("--warm-steps", type=int, default=None, help="the cloud's AdamW steps before round 0")
+    d.add_argument("--val-n", type=int, default=None)
+    d.add_argument("--test-n", type=int, default=None)
+    d.add_argument("--out", default="edgezo-demo", help="output folder (plot, JSON summary, guide state)")
+    d.add_argument("--quick", action="store_true", help="a smaller, faster run (smoke test)")
+    d.set_defaults(handler=cmd_demo)
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from cloud.extras import require_cloud
+
+    require_cloud()
+
+    kw = {}
+    if args.rounds is not None:
+        kw["rounds"] = args.rounds
+    for name in ("local_steps", "batch", "k", "warm_steps", "val_n", "test_n"):
+        if getattr(args, name) is not None:
+            kw[name] = getattr(args, name)
+    try:
+        cfg = DemoConfig.quick(**kw) if args.quick else DemoConfig(**kw)
+    except ValueError as e:
+        print(f"edgezo demo: {e}", file=sys.stderr)
+        return 2
+    summary = run_demo(cfg, out=args.out)
+    print(json.dumps({k: summary[k] for k in ('zero_shot', 'cloud_only', 'after', 'seconds', 'plot')}, default=str))
+    return 0

@@ -122,8 +122,8 @@ def cloud_scorer(cfg: StudyConfig, seed: int):
     import torch
     from transformers.utils import logging as hf_logging
 
-    from edge.models import smollm2_path
     from cloud.model import ClassificationTask, LoRAModel, TorchScorer, load_base, spec_for
+    from edge.models import smollm2_path
 
     hf_logging.disable_progress_bar()
     torch.set_num_threads(cfg.threads)

@@ -88,12 +88,9 @@ def main() -> None:
             res[q]["peak_rss_mb"] = max(res[q]["peak_rss_mb"], c["peak_rss_mb"])
             res[q]["file_mb"] = round(c["file_mb"], 1)
             print(f"round {r + 1}/{a.rounds} {q}: {statistics.median(c['forward_s']):.3f} s", flush=True)
-    base = statistics.median(res[quants[0]]["forward_s"])
-    print(f"{'type':8} {'forward s':>10} {'÷ ' + quants[0]:>10} {'peak MB':>8} {'file MB':>8}")
-    for q in quants:
-        med = statistics.median(res[q]["forward_s"])
-        res[q].update(median_s=med, ratio_to_baseline=med / base)
-        print(f"{q:8} {med:10.3f} {med / base:10.3f} {res[q]['peak_rss_mb']:8.0f} {res[q]['file_mb']:8.1f}")
+    from edge.bench import forward_table  # the same table `edgezo bench forward` prints
+
+    forward_table(res, quants)
     if a.json:
         Path(a.json).parent.mkdir(parents=True, exist_ok=True)
         Path(a.json).write_text(json.dumps({"args": vars(a), "baseline": quants[0], "types": res}, indent=1))

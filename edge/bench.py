@@ -87,6 +87,16 @@ def time_forward(model: str, texts: list[str], reps: int, threads: int) -> dict:
     return out
 
 
+def forward_table(res: dict[str, dict], quants: list[str]) -> None:
+    """Add median_s and ratio_to_baseline (÷ the first type) to ``res`` and print the table."""
+    base = statistics.median(res[quants[0]]["forward_s"])
+    print(f"{'type':8} {'forward s':>10} {'÷ ' + quants[0]:>10} {'peak MB':>8} {'file MB':>8}")
+    for q in quants:
+        med = statistics.median(res[q]["forward_s"])
+        res[q].update(median_s=med, ratio_to_baseline=med / base)
+        print(f"{q:8} {med:10.3f} {med / base:10.3f} {res[q]['peak_rss_mb']:8.0f} {res[q]['file_mb']:8.1f}")
+
+
 def cmd_forward(args: argparse.Namespace) -> int:
     from convert.errors import ConvertError
     from edge.data import DataError
@@ -126,12 +136,7 @@ def cmd_forward(args: argparse.Namespace) -> int:
             res[q].update(file_mb=round(c["file_mb"], 1), tokens=c["tokens"])
             print(f"round {r + 1}/{args.rounds} {q}: {statistics.median(c['forward_s']):.3f} s", file=sys.stderr,
                   flush=True)
-    base = statistics.median(res[quants[0]]["forward_s"])
-    print(f"{'type':8} {'forward s':>10} {'÷ ' + quants[0]:>10} {'peak MB':>8} {'file MB':>8}")
-    for q in quants:
-        med = statistics.median(res[q]["forward_s"])
-        res[q].update(median_s=med, ratio_to_baseline=med / base)
-        print(f"{q:8} {med:10.3f} {med / base:10.3f} {res[q]['peak_rss_mb']:8.0f} {res[q]['file_mb']:8.1f}")
+    forward_table(res, quants)
     fastest = min(quants, key=lambda q: res[q]["median_s"])
     print(f"fastest here: {fastest} (tokens per batch: {res[quants[0]]['tokens']})")
     if args.json:

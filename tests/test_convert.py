@@ -14,10 +14,10 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from app.cli import main as edgezo
 from convert.errors import ConvertError
 from convert.hfio import read_hf_tensors, read_safetensors_file
 from convert.llama_eval import LlamaEval
-from app.cli import main as edgezo
 
 TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.zo import Guide, Schedule, StepRecord, replay
+from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, replay, subspace_theta
 
 
 @dataclass(frozen=True)
@@ -87,6 +87,14 @@ def client_delta(plan: RoundPlan, up: Upload) -> np.ndarray:
     return theta_i.astype(np.float64) - plan.theta.astype(np.float64)  # exact: θ_t + Δ_i == θ_i
 
 
+def client_c(plan: RoundPlan, up: Upload) -> np.ndarray:
+    """A subspace round's client move in c-space: the (k,) float64 c its records reach (θ_i = θ_t + U·c_i)."""
+    state = SubspaceState(plan.theta, plan.guide)
+    for i, st in enumerate(up.steps):
+        state.apply(st, plan.first_step + i, plan.schedule)
+    return state.c
+
+
 def weights(uploads: Sequence[Upload]) -> np.ndarray:
     """w_i ∝ examples_i, summing to 1."""
     n = np.array([u.examples for u in uploads], np.float64)
@@ -102,6 +110,15 @@ def aggregate(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
     ups = sorted(uploads, key=lambda u: u.client)
     if not ups:
         return theta
+    if plan.guide is not None and plan.guide.subspace:
+        # Every Δ_i lies in span(U): merge in c-space, k numbers per client, and build θ once. θ_{t+1} =
+        # θ_t + U·(edge_weight·Σ w_i c_i), column by column in float64 as the edge builds its own θ (one client
+        # with weight 1 reaches exactly the θ it trained to). 10,000 clients cost 10,000 k-dim replays, not
+        # 10,000 d-dim ones (bench/merge_scale.py).
+        c = np.zeros(plan.guide.k, np.float64)
+        for w, up in zip(weights(ups), ups, strict=False):
+            c += w * client_c(plan, up)
+        return subspace_theta(theta, plan.guide.basis, plan.edge_weight * c)
     acc = np.zeros(theta.shape, np.float64)
     for w, up in zip(weights(ups), ups, strict=False):
         acc += w * client_delta(plan, up)

@@ -228,3 +228,25 @@ def test_settings_of_the_other_kind_are_refused_not_ignored():
     with pytest.raises(ValueError, match=r"\[cloud\] configures the leading cloud"):
         GuideConfig.from_dict({"train": {"kind": "guided"}, "cloud": {"warm_steps": 5}})
     assert GuideConfig.from_dict({"train": {"kind": "guided", "lam": 0.7}}).train.lam == 0.7
+
+
+def test_subspace_merge_in_c_space_equals_the_d_space_sum():
+    """A subspace round merges in c-space (k numbers per client): it equals θ_t + Σ w_i Δ_i of the d-space
+    replays within float32 rounding, and one client with weight 1 lands exactly on the θ it trained to."""
+    from cloud.aggregate import RoundPlan, Upload, aggregate, client_delta, weights
+    from protocol.zo import Group, Guide, Schedule, StepRecord, orthonormal_basis, replay
+
+    rng = np.random.default_rng(3)
+    d, k = 300, 6
+    guide = Guide(basis=orthonormal_basis(list(rng.standard_normal((k, d)).astype(np.float32))), alpha=1.0,
+                  grad=None, kind="subspace")
+    plan = RoundPlan(round_id=0, basis_id="b", theta=rng.standard_normal(d).astype(np.float32), guide=guide,
+                     schedule=Schedule(lr=0.05, eps=0.1), lam=0.0, local_steps=3, edge_weight=0.8)
+    ups = [Upload(client=f"c{i}", round_id=0, basis_id="b", examples=10 + i,
+                  steps=[StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, 2, dtype=np.uint64),
+                                                  grads=rng.standard_normal(2).astype(np.float32))])
+                         for _ in range(3)]) for i in range(5)]
+    dspace = plan.theta.astype(np.float64) + 0.8 * sum(w * client_delta(plan, u) for w, u in zip(weights(ups), ups))
+    np.testing.assert_allclose(aggregate(plan, ups), dspace.astype(np.float32), rtol=1e-6, atol=1e-6)
+    one = RoundPlan(**{**plan.__dict__, "edge_weight": 1.0})
+    assert np.array_equal(aggregate(one, ups[:1]), replay(one.theta, ups[0].steps, one.schedule, guide))

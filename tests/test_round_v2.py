@@ -246,7 +246,7 @@ def test_subspace_merge_in_c_space_equals_the_d_space_sum():
                   steps=[StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, 2, dtype=np.uint64),
                                                   grads=rng.standard_normal(2).astype(np.float32))])
                          for _ in range(3)]) for i in range(5)]
-    dspace = plan.theta.astype(np.float64) + 0.8 * sum(w * client_delta(plan, u) for w, u in zip(weights(ups), ups))
+    dspace = plan.theta.astype(np.float64) + 0.8 * sum(w * client_delta(plan, u) for w, u in zip(weights(ups), ups, strict=True))
     np.testing.assert_allclose(aggregate(plan, ups), dspace.astype(np.float32), rtol=1e-6, atol=1e-6)
     one = RoundPlan(**{**plan.__dict__, "edge_weight": 1.0})
     assert np.array_equal(aggregate(one, ups[:1]), replay(one.theta, ups[0].steps, one.schedule, guide))

@@ -28,7 +28,7 @@ import psutil
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from protocol.auth import client_handshake  # noqa: E402
+from protocol.auth import client_handshake, client_ssl_context  # noqa: E402
 from protocol.framing import read_frame, write_frame  # noqa: E402
 from protocol.messages import Ack, Bye, LossStats, RoundRequest, RoundStart, Update  # noqa: E402
 from protocol.zo import Group, StepRecord  # noqa: E402
@@ -41,9 +41,9 @@ def _free_port() -> int:
 
 
 async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
-                  rng: np.random.Generator, counters: dict) -> None:
+                  rng: np.random.Generator, counters: dict, tls) -> None:
     name = f"sim{i:05d}"
-    r, w = await asyncio.open_connection("127.0.0.1", port)
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1" if tls else None)
     try:
         await client_handshake(r, w, name, token, timeout=60)
         done = 0
@@ -109,8 +109,9 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen) 
     counters: dict = {}
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
+    tls = None if args.insecure else client_ssl_context(args.cert)
     tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
-                                           np.random.default_rng(rng.integers(2**32)), counters))
+                                           np.random.default_rng(rng.integers(2**32)), counters, tls))
              for i in range(args.clients)]
     res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.timeout)
     wall = time.perf_counter() - t0
@@ -121,6 +122,7 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen) 
     span = counters.get("last", 0) - counters.get("first", 0)
     return {
         "clients": args.clients, "rounds": args.rounds, "steps_per_upload": args.steps, "q": args.q,
+        "tls": not args.insecure,
         "uploads_acked": len(lat), "refused": counters.get("refused", 0), "client_errors": len(errors),
         "error_samples": errors[:3], "wall_s": round(wall, 2),
         "uploads_per_s": round(len(lat) / wall, 1),
@@ -143,6 +145,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--timeout", type=float, default=300.0)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--insecure", action="store_true", help="plaintext TCP instead of TLS (the default)")
     args = ap.parse_args(argv)
     if not 1 <= args.clients <= 5000 or not 1 <= args.rounds <= 100:
         ap.error("clients must be in [1, 5000] and rounds in [1, 100]")
@@ -150,11 +153,19 @@ def main(argv: list[str] | None = None) -> int:
     port = _free_port()
     tokens = {f"sim{i:05d}": f"tok-{i:05d}-{os.urandom(6).hex()}" for i in range(args.clients)}
     cfg = tmp / "guide.toml"
+    if args.insecure:
+        server_tls = "insecure = true\n"
+    else:
+        from cloud.tls import self_signed_pair
+
+        cert, key = self_signed_pair(tmp / "tls", hosts=["127.0.0.1", "localhost"], days=1)
+        args.cert = str(cert)
+        server_tls = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
     cfg.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{tmp / "state"}"\nlog_file = "{tmp / "guide.jsonl"}"\n'
-        f'long_poll_s = 60.0\ninsecure = true\n[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
+        f'long_poll_s = 60.0\n' + server_tls + f'[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
         f'max_clients = {args.clients}\ndeadline_s = 120.0\njoin_window_s = 0.0\n'
-        f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nlam = 0.0\nk = 4\n[clients.tokens]\n'
+        f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nk = 4\n[clients.tokens]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
     env = dict(os.environ, PYTHONPATH=str(REPO))
     proc = subprocess.Popen([sys.executable, "-m", "app", "guide", "serve", "--config", str(cfg),
@@ -169,7 +180,8 @@ def main(argv: list[str] | None = None) -> int:
             if len(closed) >= args.rounds:
                 break
             time.sleep(0.2)
-        out["rounds_closed"] = [{"round": c["round"], "uploads": c["uploads"], "down_bytes": c.get("down_bytes"),
+        out["rounds_closed"] = [{"round": c["round"], "uploads": c["uploads"], "merge_s": c.get("merge_s"),
+                                 "down_bytes": c.get("down_bytes"),
                                  "down_bytes_per_client": c.get("down_bytes_per_client"),
                                  "up_bytes": c.get("up_bytes"), "up_bytes_per_upload": c.get("up_bytes_per_upload")}
                                 for c in closed]

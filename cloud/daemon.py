@@ -406,7 +406,9 @@ class GuideServer:
         plan = self.plan
         uploads = await self._db(self.store.uploads, plan.round_id)
         loop = asyncio.get_running_loop()
+        t_merge = time.perf_counter()
         theta_next = await loop.run_in_executor(None, merge, plan, uploads)
+        merge_s = time.perf_counter() - t_merge
         pub = None
         if nxt is not None:
             g_next = await self._guidance_result(nxt)  # its loss is the public loss at θ_t
@@ -417,7 +419,8 @@ class GuideServer:
                                                       public_loss=pub, client_loss=client_loss))
         self.log("round_closed", round=plan.round_id, uploads=len(uploads), selected=len(self.selected),
                  public_loss=pub, client_loss=client_loss,
-                 delta_norm=float(np.linalg.norm(theta_next - plan.theta)), **self._bytes_summary())
+                 delta_norm=float(np.linalg.norm(theta_next - plan.theta)), merge_s=round(merge_s, 3),
+                 **self._bytes_summary())
         self.last_bytes = self._bytes_summary()
         self.theta = theta_next
         self.round_id += 1

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import enum
 import json
 import logging
 import math
@@ -129,6 +130,28 @@ def _finite(fields: dict) -> dict:
     return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
 
 
+class Phase(enum.Enum):
+    """Where the guide's round is. Transitions only along :data:`TRANSITIONS` (``GuideServer._to`` raises
+    otherwise), so an upload can never land in a round being merged and a closed round never reopens."""
+
+    IDLE = "idle"  # no open round: the next one is being planned (guidance building, clients joining)
+    OPEN = "open"  # a round is out: RoundStarts are sent, uploads are accepted and committed
+    CLOSING = "closing"  # the deadline passed or everyone uploaded: no more uploads, the merge runs
+    FINISHED = "finished"  # every configured round is merged: clients are told "done"
+
+
+TRANSITIONS: dict[Phase, set[Phase]] = {
+    Phase.IDLE: {Phase.OPEN, Phase.FINISHED},
+    Phase.OPEN: {Phase.CLOSING},
+    Phase.CLOSING: {Phase.IDLE},
+    Phase.FINISHED: set(),
+}
+
+
+class RoundStateError(RuntimeError):
+    """A round transition out of order (a bug, never a client's doing)."""
+
+
 class StatusNeedsToken(AuthError):
     """A StatusRequest before Hello on a guide without public_status."""
 
@@ -174,8 +197,7 @@ class GuideServer:
         self.uploaded: set[str] = set()
         self._digests: dict[str, str] = {}  # client → upload_digest of its committed upload this round
         self.deadline = 0.0
-        self.closing = False
-        self.finished = False
+        self.phase = Phase.IDLE
         self.waiting: dict[str, asyncio.Future] = {}
         self._waiting_changed: asyncio.Event | None = None
         self._round_done: asyncio.Event | None = None
@@ -198,6 +220,19 @@ class GuideServer:
         self._conns: set[asyncio.Task] = set()
         self.stats = {"uploads": 0, "refused": 0, "auth_failed": 0, "malformed": 0, "examples_capped": 0,
                       "forged_duplicates": 0}
+
+    def _to(self, phase: Phase) -> None:
+        if phase not in TRANSITIONS[self.phase]:
+            raise RoundStateError(f"round {self.round_id}: {self.phase.value} → {phase.value} is not a transition")
+        self.phase = phase
+
+    @property
+    def closing(self) -> bool:
+        return self.phase is Phase.CLOSING
+
+    @property
+    def finished(self) -> bool:
+        return self.phase is Phase.FINISHED
 
     # ---- lifecycle -------------------------------------------------------------------------------
     @property
@@ -229,6 +264,7 @@ class GuideServer:
             raise ValueError(f"state dir {self.cfg.server.state_dir} holds another adapter spec")
         row = self.store.open_round_row()
         if row is not None:
+            self._to(Phase.OPEN)  # the round a crash left open is open again, with its committed uploads
             self.plan = self.store.load_plan(row["round_id"])
             self.round_id = row["round_id"]
             self.theta = self.plan.theta.copy()
@@ -304,7 +340,7 @@ class GuideServer:
                 await self._await_round_end()
                 cur = self._next if pipelined else None
                 await self._close_round(cur)
-            self.finished = True
+            self._to(Phase.FINISHED)
             self.log("finished", rounds=self.round_id)
             for fut in self.waiting.values():
                 if not fut.done():
@@ -337,12 +373,12 @@ class GuideServer:
         basis_id = plan.basis_id
         deadline = time.time() + rc.deadline_s
         await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline))
+        self._to(Phase.OPEN)
         self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
         self._digests = {}
         self._wire_guidance = wire_g
         self._round_frames = {}
         self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0}
-        self.closing = False
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
                  basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss, kind=tc.kind if tc.guided else "none",
@@ -401,7 +437,7 @@ class GuideServer:
             await asyncio.sleep(0.005)
 
     async def _close_round(self, nxt: cf.Future[Guidance] | None) -> None:
-        self.closing = True
+        self._to(Phase.CLOSING)
         await self._barrier()
         plan = self.plan
         uploads = await self._db(self.store.uploads, plan.round_id)
@@ -425,6 +461,7 @@ class GuideServer:
         self.theta = theta_next
         self.round_id += 1
         self.plan, self.selected, self.uploaded = None, [], set()
+        self._to(Phase.IDLE)
 
     # ---- uploads (group commit) ------------------------------------------------------------------
     async def _commit(self, up: Upload) -> None:

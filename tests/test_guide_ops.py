@@ -420,3 +420,18 @@ def test_the_shipped_service_unit_verifies(tmp_path):
     r = subprocess.run(["systemd-analyze", "verify", str(local)], capture_output=True, text=True, timeout=60)
     problems = [x for x in (r.stdout + r.stderr).splitlines() if "edgezo-guide.service" in x]
     assert r.returncode == 0 and not problems, r.stdout + r.stderr
+
+
+def test_the_round_phase_refuses_out_of_order_transitions(tmp_path):
+    from cloud.daemon import TRANSITIONS, Phase, RoundStateError
+
+    srv = _server(tmp_path, insecure=True)
+    assert srv.phase is Phase.IDLE and not srv.closing and not srv.finished
+    with pytest.raises(RoundStateError, match="idle → closing is not a transition"):
+        srv._to(Phase.CLOSING)
+    for p in (Phase.OPEN, Phase.CLOSING, Phase.IDLE, Phase.FINISHED):
+        srv._to(p)
+    assert srv.finished and TRANSITIONS[Phase.FINISHED] == set()
+    with pytest.raises(RoundStateError, match="finished → open"):
+        srv._to(Phase.OPEN)
+    srv.store.close()

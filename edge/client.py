@@ -480,7 +480,6 @@ def run_guided(args, trainer) -> int:
 
     The guide decides θ, schedule, λ and local steps; the local ``--steps``/``--lr`` are ignored.
     """
-    import dataclasses
     import socket
     import sys
 
@@ -491,7 +490,7 @@ def run_guided(args, trainer) -> int:
     host, port = parse_addr(args.guide)
     cid = args.client_id or socket.gethostname()
     if getattr(trainer.cfg, "seed", 0) == 0:  # distinct perturbation seeds per device
-        trainer.cfg = dataclasses.replace(trainer.cfg, seed=client_seed(cid) % (2**31))
+        trainer.set_seed(client_seed(cid) % (2**31))
     cfg = ClientConfig(host=host, port=port, client_id=cid, token=token, state_dir=args.state_dir,
                        max_rounds=args.max_rounds, ca=args.ca, insecure=args.insecure)
     client = EdgeClient(config=cfg, trainer=EdgeTrainerAdapter(trainer=trainer),
@@ -528,8 +527,7 @@ def llama_margins(trainer, theta: np.ndarray, texts: list[str], batch: int) -> n
     """logit(positive) − logit(negative) per text with θ written into the trainer's llama.cpp adapter."""
     from edge.data import Row
 
-    trainer.theta[...] = theta
-    trainer.adapter.write(trainer.theta)
+    trainer.set_theta(theta)
     enc = [trainer.task.encode(Row(t, "neg")) for t in texts]
     out = [trainer.task.scores(enc[i : i + batch]) for i in range(0, len(enc), batch)]
     s = np.concatenate(out)

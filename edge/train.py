@@ -230,6 +230,12 @@ class Trainer:
             self.step = int(step)
         self.adapter.write(self.theta)
 
+    def set_seed(self, seed: int) -> None:
+        """The run seed (batches and perturbation seeds derive from it): a federated device takes one of its own."""
+        from dataclasses import replace
+
+        self.cfg = replace(self.cfg, seed=int(seed))
+
     def begin_round(self, theta: np.ndarray, schedule: Schedule, first_step: int, hyper: dict | None = None) -> None:
         """Start a federated round: θ_t, the round's schedule and its global step index (what replay uses).
 

@@ -1,6 +1,7 @@
 """``edgezo bench``: the benchmarks a user runs on their own device, printing a table and writing JSON.
 
     edgezo bench forward [--quants q8_0,q4_0,q4_1] [--model M.gguf] [--data D.csv] [--json out.json]
+    edgezo bench step [--model M.gguf] [--split-layer S] [--json out.json]
 
 ``forward`` times the edge's loss evaluation (one multi-sequence decode, logits only at the label positions,
 LoRA r8 on q/v attached, as during training) per quantization type. Each type is converted once from the model
@@ -46,6 +47,18 @@ def register(sub: argparse._SubParsersAction) -> None:
     f.add_argument("--threads", type=int, default=0, help="llama.cpp threads (0: this process's cores)")
     f.add_argument("--json", default=None, help="write the results here")
     f.set_defaults(handler=cmd_forward)
+    s = bs.add_parser("step", help="one ZO training step ÷ two forwards of the same batch, and peak RSS",
+                      description="Times edgezo's ZO step (q = 1: two forwards, in-place adapter writes, the update) "
+                                  "against two plain forwards of the same batch, interleaved in one process; "
+                                  "with --split-layer, the split step with reuse against the same step without.")
+    s.add_argument("--model", default=None, help="GGUF (default: the packaged SmolLM2 converted to Q4_0, cached)")
+    s.add_argument("--data", default=None, help="CSV/JSONL of texts for the batch (default: built-in samples)")
+    s.add_argument("--batch", type=int, default=16)
+    s.add_argument("--steps", type=int, default=10, help="timed steps (each followed by a timed forward)")
+    s.add_argument("--split-layer", type=int, default=None, help="also time the split step at this layer")
+    s.add_argument("--threads", type=int, default=0)
+    s.add_argument("--json", default=None)
+    s.set_defaults(handler=cmd_step)
     b.set_defaults(handler=lambda args: (b.print_help(), 2)[1])
 
 
@@ -143,6 +156,62 @@ def cmd_forward(args: argparse.Namespace) -> int:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps({"baseline": quants[0], "batch": args.batch, "threads": args.threads,
                                                "fastest": fastest, "types": res}, indent=1))
+    return 0
+
+
+def cmd_step(args: argparse.Namespace) -> int:
+    """Interleaved medians in one process: ZO step vs 2 forwards (and the split step with/without reuse)."""
+    from edge.data import Row
+    from edge.models import fast_model
+    from edge.runtime import Runtime, RuntimeConfig, RuntimeErrorEZ
+    from edge.tasks import ClassificationTask
+    from edge.train import TrainConfig, Trainer, peak_rss_mb
+    from protocol.spec import AdapterSpec
+
+    try:
+        if args.batch < 1 or args.steps < 1:
+            raise ValueError("--batch and --steps must be >= 1")
+        model = args.model or str(fast_model())
+        texts = _texts(args.data, args.batch)
+
+        def trainer(split: int | None, reuse: bool = True) -> Trainer:
+            rt = Runtime(model, RuntimeConfig(n_ctx=4096, n_seq_max=args.batch, n_threads=args.threads))
+            task = ClassificationTask(rt, {"neg": "negative", "pos": "positive"})
+            data = [task.encode(Row(t, "pos" if i % 2 else "neg")) for i, t in enumerate(texts)]
+            spec = AdapterSpec("lora", rt.dims(), rank=8, alpha=16.0, targets=("q_proj", "v_proj"))
+            return Trainer(rt, task, data, spec, TrainConfig(batch_size=args.batch, lr=1e-3, eps=1e-2,
+                                                             split_layer=split, reuse=reuse))
+
+        runs = {"zo_step": trainer(None)}
+        if args.split_layer is not None:
+            runs.update(split_reuse=trainer(args.split_layer), split_no_reuse=trainer(args.split_layer, False))
+    except (ValueError, OSError, RuntimeErrorEZ) as e:
+        print(f"edgezo: error: {e}", file=sys.stderr)
+        return 2
+    base = runs["zo_step"]
+    times: dict[str, list[float]] = {k: [] for k in [*runs, "forward"]}
+    for tr in runs.values():
+        tr.train_step()  # warm-up
+    for _ in range(args.steps):
+        for name, tr in runs.items():
+            t = time.perf_counter()
+            tr.train_step()
+            times[name].append(time.perf_counter() - t)
+        t = time.perf_counter()
+        base.task.loss(base.batch(0))
+        times["forward"].append(time.perf_counter() - t)
+    med = {k: statistics.median(v) for k, v in times.items()}
+    res = {"model": model, "batch": args.batch, "median_s": med, "peak_rss_mb": peak_rss_mb(),
+           "zo_step_over_2_forward": med["zo_step"] / (2 * med["forward"])}
+    print(f"forward {med['forward']:.3f} s   ZO step {med['zo_step']:.3f} s   step ÷ 2 forwards "
+          f"{res['zo_step_over_2_forward']:.2f}   peak RSS {res['peak_rss_mb']:.0f} MB")
+    if args.split_layer is not None:
+        res["split_reuse_over_no_reuse"] = med["split_reuse"] / med["split_no_reuse"]
+        print(f"split at {args.split_layer}: {med['split_reuse']:.3f} s with reuse, {med['split_no_reuse']:.3f} s "
+              f"without: {res['split_reuse_over_no_reuse']:.2f}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(res, indent=1))
     return 0
 
 

@@ -261,3 +261,19 @@ def test_bench_forward_prints_a_table_and_writes_json(tiny_llama_gguf, tmp_path)
     bad = subprocess.run([sys.executable, "-m", "app", "bench", "forward", "--quants", "q9"], capture_output=True,
                          text=True, timeout=60, env=env)
     assert bad.returncode == 2 and "unknown types ['q9']" in bad.stderr
+
+
+def test_bench_step_times_the_step_against_two_forwards(tiny_llama_gguf, tmp_path):
+    import json
+    import os
+    import subprocess
+    import sys
+
+    out = tmp_path / "step.json"
+    r = subprocess.run([sys.executable, "-m", "app", "bench", "step", "--model", str(tiny_llama_gguf), "--batch", "4",
+                        "--steps", "2", "--split-layer", "1", "--threads", "1", "--json", str(out)],
+                       capture_output=True, text=True, timeout=300, env={**os.environ, "EDGEZO_CACHE": str(tmp_path)})
+    assert r.returncode == 0, r.stderr[-2000:]
+    res = json.loads(out.read_text())
+    assert set(res["median_s"]) == {"zo_step", "split_reuse", "split_no_reuse", "forward"}
+    assert res["zo_step_over_2_forward"] > 0 and "step ÷ 2 forwards" in r.stdout

@@ -32,47 +32,37 @@ import json
 import logging
 import math
 import signal
-import sys
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any, Protocol
 
 import numpy as np
 
-from cloud.aggregate import RoundPlan, Upload, UploadRefused, validate_upload
+from cloud.aggregate import RoundPlan, Upload
 from cloud.config import GuideConfig
+from cloud.connections import HANDSHAKE_MAX_FRAME, ConnectionsMixin, StatusNeedsToken, _Refuse  # noqa: E402, F401
 from cloud.engine import compress_guidance, merge, plan_round
 from cloud.guidance import Guidance
+from cloud.guide_log import JsonLog, _finite, _json_capped, _jsonable  # noqa: E402, F401
 from cloud.store import Store, upload_digest
+from cloud.uploads import UploadsMixin  # noqa: E402
 from protocol import codecs
-from protocol.auth import Authenticator, negotiate_version
-from protocol.errors import AuthError, FrameTooLarge, ProtocolError, SchemaError, VersionMismatch
-from protocol.framing import read_frame, write_frame
+from protocol.auth import Authenticator
 from protocol.messages import (
-    Ack,
-    Auth,
     Bye,
-    Error,
     GuidanceNext,
     GuidanceRequest,
-    Hello,
     Hyper,
     Message,
     RoundRequest,
     RoundStart,
     Status,
-    StatusRequest,
-    Update,
-    Welcome,
     encode,
     theta_digest,
 )
 from protocol.messages import Guidance as WireGuidance
 from protocol.spec import AdapterSpec
 from protocol.zo import Guide, orthonormal_basis
-
-HANDSHAKE_MAX_FRAME = 4096
 
 
 class GuidanceSource(Protocol):
@@ -97,39 +87,6 @@ class StaticGuidance:
         pass
 
 
-# ---- structured logs -----------------------------------------------------------------------------
-class JsonLog:
-    """JSON-lines event log: one object per line with ts, event and fields."""
-
-    def __init__(self, path: str = "") -> None:
-        if path:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
-        self._f = open(path, "a", buffering=1) if path else sys.stderr  # noqa: SIM115 - lives as long as the daemon
-        self._own = bool(path)
-
-    def __call__(self, event: str, **fields: Any) -> None:
-        rec = {"ts": round(time.time(), 3), "event": event, **_finite(fields)}
-        try:
-            self._f.write(json.dumps(rec, default=_jsonable) + "\n")
-        except (ValueError, OSError):  # closed stream at shutdown
-            pass
-
-    def close(self) -> None:
-        if self._own:
-            self._f.close()
-
-
-def _jsonable(x: Any) -> Any:
-    if isinstance(x, np.generic):
-        return x.item()
-    return str(x)
-
-
-def _finite(fields: dict) -> dict:
-    """NaN/inf → None, so every log line is strict JSON."""
-    return {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in fields.items()}
-
-
 class Phase(enum.Enum):
     """Where the guide's round is. Transitions only along :data:`TRANSITIONS` (``GuideServer._to`` raises
     otherwise), so an upload can never land in a round being merged and a closed round never reopens."""
@@ -152,16 +109,6 @@ class RoundStateError(RuntimeError):
     """A round transition out of order (a bug, never a client's doing)."""
 
 
-class StatusNeedsToken(AuthError):
-    """A StatusRequest before Hello on a guide without public_status."""
-
-
-class _Refuse(Exception):
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
 def check_split(tc, spec: AdapterSpec) -> None:
     """[train] split_layer against the adapter: in range, block 2 not empty, and no split step (adapter layers
     on both sides) under subspace guidance (the subspace step is a plain one; frozen bottom is fine)."""
@@ -178,7 +125,7 @@ def check_split(tc, spec: AdapterSpec) -> None:
                          f"'guided', or a split_layer <= {min(spec.layers)} (frozen bottom)")
 
 
-class GuideServer:
+class GuideServer(UploadsMixin, ConnectionsMixin):
     """One guide: rounds, clients and durable state. ``await start()``, then ``await wait_closed()``."""
 
     def __init__(self, *, config: GuideConfig, spec: AdapterSpec, theta0: np.ndarray, guidance: GuidanceSource,
@@ -463,109 +410,6 @@ class GuideServer:
         self.plan, self.selected, self.uploaded = None, [], set()
         self._to(Phase.IDLE)
 
-    # ---- uploads (group commit) ------------------------------------------------------------------
-    async def _commit(self, up: Upload) -> None:
-        fut = asyncio.get_running_loop().create_future()
-        self._pending.append((up, fut))
-        if not self._flushing:
-            asyncio.ensure_future(self._flush())
-        await fut
-
-    async def _flush(self) -> None:
-        self._flushing = True
-        try:
-            while self._pending:
-                batch, self._pending = self._pending, []
-                try:
-                    await self._db(self.store.commit_uploads, [u for u, _ in batch])
-                except Exception as e:  # noqa: BLE001 - e.g. a duplicate: fall back to one by one
-                    for u, f in batch:
-                        try:
-                            await self._db(self.store.commit_uploads, [u])
-                            f.set_result(None)
-                        except Exception as e1:  # noqa: BLE001
-                            f.set_exception(_Refuse("store", f"{type(e1).__name__}: {e1}"))
-                    self.log("commit_retry", error=str(e))
-                    continue
-                for _, f in batch:
-                    if not f.done():
-                        f.set_result(None)
-        finally:
-            self._flushing = False
-
-
-    def _bytes_summary(self) -> dict[str, int]:
-        """Bytes of the current round each way: totals, per RoundStart sent and per Update received."""
-        b = self.bytes
-        return {"down_bytes": b["down"], "down_bytes_per_client": b["down"] // max(1, b["round_starts"]),
-                "up_bytes": b["up"], "up_bytes_per_upload": b["up"] // max(1, b["updates"])}
-
-    async def _on_update(self, client: str, msg: Update) -> Message:
-        plan = self.plan
-        rid = msg.round_id
-        if plan is None or self.closing:
-            raise _Refuse("round_closed", f"no open round accepts uploads (upload for round {rid})")
-        if client in self.uploaded and rid == plan.round_id:
-            return self._duplicate(client, msg)  # idempotent re-send after a lost ack, if byte-identical
-        inflight = self._inflight.get(client)
-        if inflight is not None and rid == plan.round_id:  # the same upload on a second connection
-            await asyncio.shield(inflight)
-            return self._duplicate(client, msg)
-        if client not in self.selected:
-            raise _Refuse("not_selected", f"client {client} is not in round {plan.round_id}")
-        if msg.client_id != client:
-            raise _Refuse("refused", f"update names client {msg.client_id!r}, connection is {client!r}")
-        try:
-            msg.check_spans(self.spec.d)
-            up = self._as_upload(client, msg)
-            validate_upload(plan, up)
-            if msg.first_step != plan.first_step:
-                raise UploadRefused(f"upload starts at step {msg.first_step}, round starts at {plan.first_step}")
-        except (UploadRefused, SchemaError) as e:
-            return Ack(round_id=rid, accepted=False, reason=str(e)[:4000])
-        fut = asyncio.get_running_loop().create_future()
-        self._inflight[client] = fut  # reserved before the await: a concurrent duplicate waits for this commit
-        try:
-            await self._commit(up)
-            fut.set_result(None)
-        except BaseException as e:
-            fut.set_exception(_Refuse("store", f"upload not stored: {e}"))
-            fut.exception()  # mark retrieved
-            raise
-        finally:
-            self._inflight.pop(client, None)
-        self.uploaded.add(client)  # committed: only now may it be acknowledged or counted
-        self._digests[client] = upload_digest(up)
-        self.stats["uploads"] += 1
-        size = len(encode(msg, validate=False))  # the frame's size (msgpack encoding is canonical here)
-        self.bytes["up"] += size
-        self.bytes["updates"] += 1
-        self.log("upload", round=up.round_id, client=client, steps=len(up.steps), examples=up.examples,
-                 loss_after=up.loss_after, lam=float(np.mean([st.lam for st in up.steps])), bytes=size)
-        if len(self.uploaded) >= len(self.selected):
-            self._round_done.set()
-        return Ack(round_id=up.round_id, accepted=True)
-
-    def _as_upload(self, client: str, msg: Update, *, log: bool = True) -> Upload:
-        """The Upload the guide stores for ``msg``: its example count capped by the server, never the client's
-        word alone (``[rounds] max_examples``; 0: local steps × batch, what one round can use)."""
-        cap = self.cfg.rounds.max_examples or self.plan.local_steps * self.cfg.train.batch
-        examples = min(int(msg.n_examples), cap)
-        if examples < msg.n_examples and log:
-            self.stats["examples_capped"] += 1
-            self.log("examples_capped", client=client, claimed=int(msg.n_examples), used=examples)
-        return Upload(client=client, round_id=msg.round_id, basis_id=msg.guide_id, steps=msg.steps,
-                      examples=examples, loss_before=msg.loss.max, loss_after=msg.loss.last,
-                      meta={"first_step": msg.first_step})
-
-    def _duplicate(self, client: str, msg: Update) -> Ack:
-        """A second upload for a round: acknowledged only if it says exactly what the stored one says."""
-        if upload_digest(self._as_upload(client, msg, log=False)) == self._digests.get(client):
-            return Ack(round_id=msg.round_id, accepted=True, reason="duplicate")
-        self.stats["forged_duplicates"] += 1
-        self.log("duplicate_refused", client=client, round=msg.round_id)
-        raise _Refuse("duplicate", f"client {client} already uploaded a different update for round {msg.round_id}")
-
     def _wait_msg(self) -> Status:
         return Status(round_id=self.round_id, phase="wait", d=self.spec.d, extra={"retry_s": 0.0})
 
@@ -656,135 +500,6 @@ class GuideServer:
                       updates_accepted=self.stats["uploads"], uptime_s=time.time() - self._t0,
                       deadline=self.deadline if self.plan is not None else None, d=self.spec.d,
                       guide_id=self.plan.basis_id if self.plan is not None else "", extra=extra)
-
-    # ---- connections -----------------------------------------------------------------------------
-    async def _handshake(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> str | None:
-        """Hello → Challenge → Auth → Welcome (protocol.auth's Authenticator); a public StatusRequest is
-        answered before any Hello. Returns the authenticated client id, or None when the connection is done."""
-        s = self.cfg.server
-        first = await read_frame(reader, max_size=HANDSHAKE_MAX_FRAME, timeout=s.io_timeout_s)
-        if isinstance(first, StatusRequest):
-            if not s.public_status:
-                raise StatusNeedsToken("status needs a client token (edgezo guide status --client-id ID --token T), or "
-                                "public_status = true on the guide")
-            await write_frame(writer, await self._status_full(public=True), timeout=s.io_timeout_s)
-            return None
-        if not isinstance(first, Hello):
-            raise SchemaError(f"expected Hello, got {type(first).__name__}")
-        version = negotiate_version(first)
-        ch = self.authn.challenge()
-        await write_frame(writer, ch, timeout=s.io_timeout_s)
-        auth = await read_frame(reader, max_size=HANDSHAKE_MAX_FRAME, timeout=s.io_timeout_s)
-        if not isinstance(auth, Auth):
-            raise SchemaError(f"expected Auth, got {type(auth).__name__}")
-        if auth.client_id != first.client_id:
-            raise AuthError(f"Auth is for {auth.client_id!r} but Hello said {first.client_id!r}")
-        self.authn.verify(auth, ch.nonce)
-        await write_frame(writer, Welcome(client_id=auth.client_id, server_time=time.time(), version=version),
-                          timeout=s.io_timeout_s)
-        return auth.client_id
-
-    async def _reply(self, client: str, msg: Message) -> Message | bytes | None:
-        """The answer to one authenticated message (None: the client said Bye)."""
-        if isinstance(msg, RoundRequest):
-            return await self._on_round_request(client, msg)
-        if isinstance(msg, GuidanceRequest):
-            return await self._on_guidance_request(msg)
-        if isinstance(msg, Update):
-            return await self._on_update(client, msg)
-        if isinstance(msg, StatusRequest):
-            return await self._status_full()
-        if isinstance(msg, Bye):
-            return None
-        raise _Refuse("unexpected", f"{type(msg).__name__} is not expected from a client here")
-
-    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        task = asyncio.current_task()
-        self._conns.add(task)
-        peer = writer.get_extra_info("peername")
-        client = None
-        s = self.cfg.server
-        # a selected client is silent while it trains: allow it until the deadline (+ slack)
-        idle = s.io_timeout_s + s.long_poll_s + self.cfg.rounds.deadline_s
-        errors = 0
-        try:
-            try:
-                client = await self._handshake(reader, writer)
-            except (AuthError, SchemaError, VersionMismatch) as e:
-                auth_fail = isinstance(e, AuthError)
-                kind = "version_mismatch" if isinstance(e, VersionMismatch) else (
-                    "auth_failed" if auth_fail else "malformed")
-                self.stats[kind] = self.stats.get(kind, 0) + 1
-                self.log(kind, peer=str(peer), error=str(e))
-                # a failed token check never says which half was wrong; a refused status says what to do
-                secret = auth_fail and not isinstance(e, StatusNeedsToken)
-                await write_frame(writer, Error(code=e.code, message="unknown client or bad token" if secret
-                                                else str(e)[:4000]), timeout=1.0)
-                return
-            if client is None:
-                return
-            self.log("connected", client=client, peer=str(peer))
-            while True:
-                try:
-                    msg = await read_frame(reader, max_size=s.max_frame, timeout=s.io_timeout_s,
-                                           idle_timeout=idle)
-                except ProtocolError as e:
-                    if e.code in ("connection_closed", "truncated_frame", "timeout"):
-                        return
-                    errors += 1
-                    self.stats["malformed"] += 1
-                    self.log("malformed", client=client, code=e.code, error=str(e))
-                    fatal = isinstance(e, FrameTooLarge) or errors >= s.max_errors
-                    # an oversize body was never read: the stream is out of sync, so that one is fatal
-                    await write_frame(writer, Error.from_exception(e, fatal=fatal), timeout=s.io_timeout_s)
-                    if fatal:
-                        return
-                    continue
-                try:
-                    reply = await self._reply(client, msg)
-                except _Refuse as e:
-                    self.stats["refused"] += 1
-                    errors += e.code == "unexpected"
-                    self.log("refused", client=client, code=e.code, error=str(e))
-                    reply = Error(code=e.code, message=str(e)[:4000], fatal=False)
-                if reply is None:
-                    return
-                if isinstance(reply, Ack) and not reply.accepted:
-                    self.stats["refused"] += 1
-                    self.log("refused", client=client, code="refused", error=reply.reason)
-                if isinstance(reply, bytes):  # a pre-encoded frame
-                    writer.write(reply)
-                    await asyncio.wait_for(writer.drain(), s.io_timeout_s)
-                else:
-                    await write_frame(writer, reply, timeout=s.io_timeout_s)
-                if errors >= s.max_errors:
-                    return
-        except ProtocolError as e:  # handshake framing problems, write timeouts
-            self.stats["malformed"] += e.code not in ("connection_closed", "truncated_frame", "timeout")
-            self.log("dropped", client=client, peer=str(peer), code=e.code, error=str(e))
-        except (asyncio.IncompleteReadError, ConnectionError, asyncio.TimeoutError, OSError):
-            pass
-        except asyncio.CancelledError:
-            pass
-        finally:
-            if client is not None:
-                fut = self.waiting.get(client)
-                if fut is not None and not fut.done():
-                    del self.waiting[client]
-                self.log("disconnected", client=client)
-            self._conns.discard(task)
-            writer.close()
-
-
-def _json_capped(rows: list[dict], limit: int = 4000) -> str:
-    """JSON of ``rows``, dropping the oldest/last ones until it fits a Status string field."""
-    while rows:
-        text = json.dumps(rows, default=_jsonable)
-        if len(text) <= limit:
-            return text
-        rows = rows[1:] if len(rows) > 1 else []
-    return "[]"
-
 
 async def serve(server: GuideServer) -> None:
     """Run until SIGTERM/SIGINT or until all rounds are done and stop() is called."""

@@ -1,0 +1,125 @@
+"""The guide's upload path: validate, cap, detect forged duplicates, group-commit to SQLite, then ack."""
+
+from __future__ import annotations
+
+import asyncio
+
+import numpy as np
+
+from cloud.aggregate import Upload, UploadRefused, validate_upload
+from cloud.connections import _Refuse
+from cloud.store import upload_digest
+from protocol.errors import SchemaError
+from protocol.messages import (
+    Ack,
+    Message,
+    Update,
+    encode,
+)
+
+
+class UploadsMixin:
+    """GuideServer's uploads (mixed into cloud.daemon.GuideServer: it reads the server's state)."""
+
+    # ---- uploads (group commit) ------------------------------------------------------------------
+    async def _commit(self, up: Upload) -> None:
+        fut = asyncio.get_running_loop().create_future()
+        self._pending.append((up, fut))
+        if not self._flushing:
+            asyncio.ensure_future(self._flush())
+        await fut
+
+    async def _flush(self) -> None:
+        self._flushing = True
+        try:
+            while self._pending:
+                batch, self._pending = self._pending, []
+                try:
+                    await self._db(self.store.commit_uploads, [u for u, _ in batch])
+                except Exception as e:  # noqa: BLE001 - e.g. a duplicate: fall back to one by one
+                    for u, f in batch:
+                        try:
+                            await self._db(self.store.commit_uploads, [u])
+                            f.set_result(None)
+                        except Exception as e1:  # noqa: BLE001
+                            f.set_exception(_Refuse("store", f"{type(e1).__name__}: {e1}"))
+                    self.log("commit_retry", error=str(e))
+                    continue
+                for _, f in batch:
+                    if not f.done():
+                        f.set_result(None)
+        finally:
+            self._flushing = False
+
+
+    def _bytes_summary(self) -> dict[str, int]:
+        """Bytes of the current round each way: totals, per RoundStart sent and per Update received."""
+        b = self.bytes
+        return {"down_bytes": b["down"], "down_bytes_per_client": b["down"] // max(1, b["round_starts"]),
+                "up_bytes": b["up"], "up_bytes_per_upload": b["up"] // max(1, b["updates"])}
+
+    async def _on_update(self, client: str, msg: Update) -> Message:
+        plan = self.plan
+        rid = msg.round_id
+        if plan is None or self.closing:
+            raise _Refuse("round_closed", f"no open round accepts uploads (upload for round {rid})")
+        if client in self.uploaded and rid == plan.round_id:
+            return self._duplicate(client, msg)  # idempotent re-send after a lost ack, if byte-identical
+        inflight = self._inflight.get(client)
+        if inflight is not None and rid == plan.round_id:  # the same upload on a second connection
+            await asyncio.shield(inflight)
+            return self._duplicate(client, msg)
+        if client not in self.selected:
+            raise _Refuse("not_selected", f"client {client} is not in round {plan.round_id}")
+        if msg.client_id != client:
+            raise _Refuse("refused", f"update names client {msg.client_id!r}, connection is {client!r}")
+        try:
+            msg.check_spans(self.spec.d)
+            up = self._as_upload(client, msg)
+            validate_upload(plan, up)
+            if msg.first_step != plan.first_step:
+                raise UploadRefused(f"upload starts at step {msg.first_step}, round starts at {plan.first_step}")
+        except (UploadRefused, SchemaError) as e:
+            return Ack(round_id=rid, accepted=False, reason=str(e)[:4000])
+        fut = asyncio.get_running_loop().create_future()
+        self._inflight[client] = fut  # reserved before the await: a concurrent duplicate waits for this commit
+        try:
+            await self._commit(up)
+            fut.set_result(None)
+        except BaseException as e:
+            fut.set_exception(_Refuse("store", f"upload not stored: {e}"))
+            fut.exception()  # mark retrieved
+            raise
+        finally:
+            self._inflight.pop(client, None)
+        self.uploaded.add(client)  # committed: only now may it be acknowledged or counted
+        self._digests[client] = upload_digest(up)
+        self.stats["uploads"] += 1
+        size = len(encode(msg, validate=False))  # the frame's size (msgpack encoding is canonical here)
+        self.bytes["up"] += size
+        self.bytes["updates"] += 1
+        self.log("upload", round=up.round_id, client=client, steps=len(up.steps), examples=up.examples,
+                 loss_after=up.loss_after, lam=float(np.mean([st.lam for st in up.steps])), bytes=size)
+        if len(self.uploaded) >= len(self.selected):
+            self._round_done.set()
+        return Ack(round_id=up.round_id, accepted=True)
+
+    def _as_upload(self, client: str, msg: Update, *, log: bool = True) -> Upload:
+        """The Upload the guide stores for ``msg``: its example count capped by the server, never the client's
+        word alone (``[rounds] max_examples``; 0: local steps × batch, what one round can use)."""
+        cap = self.cfg.rounds.max_examples or self.plan.local_steps * self.cfg.train.batch
+        examples = min(int(msg.n_examples), cap)
+        if examples < msg.n_examples and log:
+            self.stats["examples_capped"] += 1
+            self.log("examples_capped", client=client, claimed=int(msg.n_examples), used=examples)
+        return Upload(client=client, round_id=msg.round_id, basis_id=msg.guide_id, steps=msg.steps,
+                      examples=examples, loss_before=msg.loss.max, loss_after=msg.loss.last,
+                      meta={"first_step": msg.first_step})
+
+    def _duplicate(self, client: str, msg: Update) -> Ack:
+        """A second upload for a round: acknowledged only if it says exactly what the stored one says."""
+        if upload_digest(self._as_upload(client, msg, log=False)) == self._digests.get(client):
+            return Ack(round_id=msg.round_id, accepted=True, reason="duplicate")
+        self.stats["forged_duplicates"] += 1
+        self.log("duplicate_refused", client=client, round=msg.round_id)
+        raise _Refuse("duplicate", f"client {client} already uploaded a different update for round {msg.round_id}")

@@ -83,6 +83,7 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None 
     import matplotlib.pyplot as plt
     import torch
 
+    from app.local import llama_margins, llama_trainer
     from cloud.cli import lead_config
     from cloud.config import GuideConfig
     from cloud.daemon import GuideServer
@@ -91,7 +92,7 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None 
     from cloud.lead import CloudLead
     from cloud.model import accuracy, build_cloud, calibrate_threshold
     from cloud.store import Store
-    from edge.client import ClientConfig, EdgeClient, EdgeTrainerAdapter, llama_margins, llama_trainer
+    from edge.client import ClientConfig, EdgeClient, EdgeTrainerAdapter
 
     t_start = time.perf_counter()
     out = Path(out)

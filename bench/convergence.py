@@ -136,7 +136,8 @@ def cloud_scorer(cfg: StudyConfig, seed: int):
 
 def edge_trainers(gguf: str, spec, slices: dict, cfg: StudyConfig, seed: int) -> dict:
     """One llama.cpp Trainer (edge.train) per client, seeded per (study seed, client)."""
-    from edge.client import EdgeTrainerAdapter, llama_trainer
+    from app.local import llama_trainer
+    from edge.client import EdgeTrainerAdapter
 
     out = {}
     for name, sl in slices.items():
@@ -151,7 +152,7 @@ class Evaluator:
     """Raw and calibrated accuracy of θ on the private test set, through the edge runtime (llama.cpp)."""
 
     def __init__(self, gguf: str, spec, data: dict, cfg: StudyConfig) -> None:
-        from edge.client import llama_trainer
+        from app.local import llama_trainer
 
         self.data, self.cfg = data, cfg
         self.tr, self.rt = llama_trainer(gguf=gguf, spec=spec, texts=data["val"].texts, labels=data["val"].labels,
@@ -159,8 +160,8 @@ class Evaluator:
                                          init_seed=0)
 
     def __call__(self, theta: np.ndarray) -> dict:
+        from app.local import llama_margins
         from cloud.model import accuracy, calibrate_threshold
-        from edge.client import llama_margins
 
         d = self.data
         mv = llama_margins(self.tr, theta, d["val"].texts, 16)

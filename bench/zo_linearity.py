@@ -37,9 +37,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--json", default="", help="write the figures here")
     args = ap.parse_args(argv)
 
+    from app.local import llama_trainer
     from bench.convergence import StudyConfig, cloud_scorer, data_cache
     from cloud.lead import CloudLead, LeadConfig
-    from edge.client import llama_trainer
     from protocol.zo import direction
 
     cfg = StudyConfig(threads=args.threads, batch=args.batch)

@@ -204,10 +204,25 @@ class CloudConfig:
     trajectory: int = 1
 
     def __post_init__(self) -> None:
-        if self.warm_steps < 0 or self.round_steps < 0 or self.batch < 1 or self.trajectory < 0:
-            raise ValueError("warm_steps, round_steps, trajectory must be >= 0 and batch >= 1")
-        if self.lr <= 0 or self.prox < 0:
-            raise ValueError("need lr > 0 and prox >= 0")
+        # The one validation of these fields: cloud.lead.LeadConfig builds a CloudConfig to check its own.
+        import math
+
+        for name in ("warm_steps", "round_steps", "batch", "trajectory"):
+            v = getattr(self, name)
+            if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
+                raise ValueError(f"{name} must be an integer, got {v!r}")
+        if self.warm_steps < 0:
+            raise ValueError(f"warm_steps must be >= 0, got {self.warm_steps}")
+        if self.round_steps < 0:
+            raise ValueError(f"round_steps must be >= 0, got {self.round_steps}")
+        if not (math.isfinite(self.lr) and self.lr > 0.0):
+            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
+        if self.batch < 1:
+            raise ValueError(f"batch must be >= 1, got {self.batch}")
+        if not (math.isfinite(self.prox) and self.prox >= 0.0):
+            raise ValueError(f"prox must be a finite number >= 0, got {self.prox}")
+        if self.trajectory < 0:
+            raise ValueError(f"trajectory must be in 0..k-1, got {self.trajectory}")
 
 
 @dataclass(frozen=True)

@@ -81,20 +81,13 @@ class LeadConfig:
     weight_decay: float = 0.0
 
     def __post_init__(self) -> None:
-        for name in ("warm_steps", "round_steps", "batch", "k", "trajectory", "ckpt_every"):
+        # the [cloud] fields are validated once, by cloud.config.CloudConfig
+        CloudConfig(warm_steps=self.warm_steps, round_steps=self.round_steps, lr=self.lr, batch=self.batch,
+                    prox=self.prox, trajectory=self.trajectory)
+        for name in ("k", "ckpt_every"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int | np.integer):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
-        if self.warm_steps < 0:
-            raise ValueError(f"warm_steps must be >= 0, got {self.warm_steps}")
-        if self.round_steps < 0:
-            raise ValueError(f"round_steps must be >= 0, got {self.round_steps}")
-        if not (np.isfinite(self.lr) and self.lr > 0.0):
-            raise ValueError(f"lr must be a positive finite number, got {self.lr}")
-        if self.batch < 1:
-            raise ValueError(f"batch must be >= 1, got {self.batch}")
-        if not (np.isfinite(self.prox) and self.prox >= 0.0):
-            raise ValueError(f"prox must be a finite number >= 0, got {self.prox}")
         if not 4 <= self.k <= 128:
             raise ValueError(f"k must be in 4..128, got {self.k}")
         if not 0 <= self.trajectory <= self.k - 1:

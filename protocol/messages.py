@@ -82,11 +82,13 @@ from protocol.payloads import (  # noqa: F401 - ReplayRound, ReplayUpdate, diges
     array_digest,
     theta_digest,
 )
-from protocol.schema import (
+from protocol.schema import (  # noqa: F401 - the schema kit stays importable from here
     I64,
     ID,
+    U64,
     BoolT,
     BytesT,
+    EncT,
     FloatT,
     IntT,
     LamT,
@@ -94,8 +96,10 @@ from protocol.schema import (
     NestedT,
     OptT,
     ScalarMapT,
+    ScheduleT,
     SpecT,
     StrT,
+    WireType,
     _Ctx,
     _dump_fields,
     _load_fields,
@@ -103,7 +107,7 @@ from protocol.schema import (
     wf,
 )
 from protocol.spec import AdapterSpec
-from protocol.steps import StepsT
+from protocol.steps import StepsT, step_records_from_wire, step_records_to_wire  # noqa: F401
 from protocol.zo import StepRecord
 
 # ================================================================================================
@@ -428,23 +432,3 @@ def decode(data: bytes, *, limits: Limits = DEFAULT_LIMITS) -> Message:
     if have > n:
         raise MalformedFrame(f"frame declares {n} body bytes, {have - n} extra bytes follow")
     return decode_body(data[HEADER_SIZE:], limits=limits)
-
-# The schema kit and the step-record encoding live in protocol/schema.py and protocol/steps.py; their public
-# names stay importable from here, as before the split.
-from protocol.schema import (  # noqa: E402, F401
-    I64,
-    ID,
-    BoolT,
-    BytesT,
-    FloatT,
-    IntT,
-    LamT,
-    ListT,
-    NestedT,
-    OptT,
-    ScalarMapT,
-    SpecT,
-    StrT,
-    wf,
-)
-from protocol.steps import StepsT, step_records_from_wire, step_records_to_wire  # noqa: E402, F401

@@ -73,7 +73,7 @@ def test_kill9_a_device_then_the_guide_and_every_acked_upload_is_in_the_replayed
         f'[model]\npath = "{tiny_llama_dir}"\nrank = 2\nalpha = 4.0\n'
         f'[data]\nsource = "{public}"\ntext_field = "review"\nlabel_field = "verdict"\n'
         f'label_words = {{ bad = "negative", good = "positive" }}\npublic_n = 16\nbatch = 4\n'
-        f'[train]\nkind = "subspace"\nk = 4\nlocal_steps = 150\nq = 1\nbatch = 4\n'
+        f'[train]\nkind = "subspace"\nk = 4\nlocal_steps = 600\nq = 1\nbatch = 4\n'
         f'[cloud]\nwarm_steps = 2\nbatch = 4\n'
         '[clients.tokens]\n' + "".join(f'{c} = "{t}"\n' for c, t in TOKENS.items()))
     env = dict(os.environ, PYTHONPATH=str(REPO), EDGEZO_CACHE=str(tmp_path / "cache"))
@@ -124,7 +124,7 @@ def test_kill9_a_device_then_the_guide_and_every_acked_upload_is_in_the_replayed
             if p.poll() is None:
                 p.kill()
                 p.wait(10)
-    assert killed_before_upload  # the kill landed mid-round (150 local steps take seconds on the tiny model)
+    assert killed_before_upload  # the kill landed mid-round (600 local steps take seconds on the tiny model)
     store = Store(root=state)
     try:
         stored = {(r, u.client): u for r in (0, 1) for u in store.uploads(r)}

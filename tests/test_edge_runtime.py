@@ -119,5 +119,5 @@ def test_fit_context_sizes_the_kv_cache_to_the_data_and_keeps_logits(tiny_llama_
     assert rt.fit_context([10] * 3, 4) == 256
     np.testing.assert_allclose(rt.logits(seqs, want), before, atol=1e-5)
     assert rt.passes["forward"] == 2
-    assert drop_file_pages(tiny_llama_gguf) >= 0 and drop_file_pages("/nonexistent") == 0
+    assert drop_file_pages(tiny_llama_gguf) > 0 and drop_file_pages("/nonexistent") == 0  # rt maps the file
     rt.close()

@@ -69,6 +69,8 @@ class StudyConfig:
     cloud_max_steps: int = 80
     backprop_steps: int = 40
     k: int = 16
+    edgezo_lr: float | None = None  # None: the product's default for kind "subspace" (cloud.config.KIND_DEFAULTS)
+    edgezo_decay: str = "constant"  # the lr schedule on c over the whole run: constant | cosine | linear
     layers: tuple[int, ...] = ()  # LoRA layers (default all); with split_layer <= min(layers): frozen bottom
     split_layer: int | None = None  # the edge's FedSPZO split (frozen bottom when no adapter layer is below it)
     quant: str = "q4_0"
@@ -232,7 +234,8 @@ def arm_train_config(arm: str, cfg: StudyConfig):
 
     single = cfg.clients * cfg.local_steps  # one device gets the same passes per round as 4 clients
     return {
-        "edgezo": TrainConfig(kind="subspace", k=cfg.k, local_steps=cfg.local_steps, q=1, batch=cfg.batch),
+        "edgezo": TrainConfig(kind="subspace", k=cfg.k, local_steps=cfg.local_steps, q=1, batch=cfg.batch,
+                              lr=cfg.edgezo_lr, decay=cfg.edgezo_decay),
         "guided": TrainConfig(kind="guided", k=4, alpha=0.5, lam=cfg.lam, lr=cfg.guided_lr, eps=1e-3,
                               precondition="adam", guide_batches=1, local_steps=cfg.local_steps, q=1, batch=cfg.batch),
         "fedkseed": TrainConfig(kind="guided", guided=False, lr=cfg.mezo_lr, eps=cfg.mezo_eps,
@@ -449,6 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--mezo-eps", type=float, default=None, help="ε of the MeZO / FedKSeed arms")
     ap.add_argument("--cloud-max-steps", type=int, default=None,
                     help="cap on the cloud's early-stopped AdamW steps (default 80; 0: θ_0 = θ_init, a smoke run)")
+    ap.add_argument("--edgezo-lr", type=float, default=None, help="Adam lr on c of the edgezo arm (default 0.05)")
+    ap.add_argument("--edgezo-decay", choices=("constant", "cosine", "linear"), default=None,
+                    help="the edgezo arm's lr schedule over all rounds (default constant; min 0.1× the lr)")
     ap.add_argument("--rss", action="store_true", help="also measure edge vs backprop peak RSS (OUT/rss.json)")
     ap.add_argument("--layers", default=None, help="LoRA layers as FIRST-LAST (default: all)")
     ap.add_argument("--split-layer", type=int, default=None,
@@ -466,7 +472,7 @@ def main(argv: list[str] | None = None) -> int:
     over: dict = {}
     if args.rounds is not None:
         over.update(rounds=args.rounds, eval_rounds=tuple(range(args.rounds + 1)))
-    for name in ("k", "threads", "mezo_lr", "mezo_eps"):
+    for name in ("k", "threads", "mezo_lr", "mezo_eps", "edgezo_lr", "edgezo_decay"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
     if args.cloud_max_steps is not None:
@@ -479,8 +485,9 @@ def main(argv: list[str] | None = None) -> int:
         over["layers"] = tuple(range(lo, hi + 1))
     if args.split_layer is not None:
         over["split_layer"] = args.split_layer
-    if (args.layers or args.split_layer is not None) and not args.tag:
-        ap.error("--layers / --split-layer make a variant: name it with --tag")
+    variant = args.layers or args.split_layer is not None or args.edgezo_lr is not None or args.edgezo_decay
+    if variant and not args.tag:
+        ap.error("--layers / --split-layer / --edgezo-lr / --edgezo-decay make a variant: name it with --tag")
     cfg = StudyConfig(**over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -92,7 +92,8 @@ def run_demo(cfg: DemoConfig, *, out: str | Path, log=print, cache: Path | None 
     from cloud.lead import CloudLead
     from cloud.model import accuracy, build_cloud, calibrate_threshold
     from cloud.store import Store
-    from edge.client import ClientConfig, EdgeClient, EdgeTrainerAdapter
+    from edge.client import ClientConfig, EdgeClient
+    from edge.round_trainer import EdgeTrainerAdapter
 
     t_start = time.perf_counter()
     out = Path(out)

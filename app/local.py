@@ -10,7 +10,7 @@ import os
 
 import numpy as np
 
-from edge.client import client_seed
+from edge.round_trainer import client_seed
 
 
 def llama_trainer(*, gguf: str | os.PathLike, spec, texts: list[str], labels: list[int], name: str, batch: int,

@@ -138,7 +138,7 @@ def cloud_scorer(cfg: StudyConfig, seed: int):
 def edge_trainers(gguf: str, spec, slices: dict, cfg: StudyConfig, seed: int) -> dict:
     """One llama.cpp Trainer (edge.train) per client, seeded per (study seed, client)."""
     from app.local import llama_trainer
-    from edge.client import EdgeTrainerAdapter
+    from edge.round_trainer import EdgeTrainerAdapter
 
     out = {}
     for name, sl in slices.items():

@@ -18,7 +18,6 @@ round gets the same assignment again and recomputes the same records (seeds are 
 from __future__ import annotations
 
 import asyncio
-import hashlib
 import json
 import math
 import os
@@ -27,11 +26,11 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
-from edge.zo import ZOConfig, step_seeds, zo_measure
+from edge.round_trainer import EdgeTrainerAdapter, LocalTrainer, RoundResult, client_seed
 from protocol.auth import client_handshake
 from protocol.codecs import EncodedArray
 from protocol.constants import DEFAULT_MAX_FRAME, MAX_GUIDE_IDS
@@ -53,7 +52,7 @@ from protocol.messages import (
     encode,
     theta_digest,
 )
-from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
+from protocol.zo import Guide
 
 
 class AuthRefused(RuntimeError):
@@ -103,90 +102,6 @@ class ClientConfig:
             return client_ssl_context(self.ca or None)
         except (OSError, ssl.SSLError) as e:
             raise ValueError(f"CA file {self.ca} cannot be loaded: {e}") from e
-
-
-def client_seed(client_id: str) -> int:
-    """A stable per-client seed (so clients draw different perturbations)."""
-    return int.from_bytes(hashlib.sha256(client_id.encode()).digest()[:8], "little") >> 1
-
-
-# ---- local training ---------------------------------------------------------------------------------
-@dataclass
-class RoundResult:
-    steps: list[StepRecord]
-    examples: int
-    loss_before: float
-    loss_after: float
-    theta: np.ndarray  # the θ this client reached (the guide reconstructs it from ``steps``)
-    forward_passes: int = 0
-
-
-class LocalTrainer(Protocol):
-    """What the client needs from a trainer: N local ZO steps from θ under one round's guidance."""
-
-    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
-                    local_steps: int, first_step: int, hyper: dict) -> RoundResult: ...
-
-
-class FunctionTrainer:
-    """Local ZO steps on any forward-only loss ``loss_fn(theta, step) -> float`` (the mini-batch of ``step``).
-
-    Uses the edge's estimator (:func:`edge.zo.zo_measure`) and :func:`protocol.zo.apply_step`, so the guide's
-    replay is exact. ``examples_per_step`` is the batch size the loss evaluates.
-    """
-
-    def __init__(self, *, loss_fn: Callable[[np.ndarray, int], float], examples_per_step: int, seed: int,
-                 q: int = 1) -> None:
-        if examples_per_step < 1 or q < 1:
-            raise ValueError("examples_per_step and q must be >= 1")
-        self.loss_fn, self.examples_per_step, self.seed, self.q = loss_fn, examples_per_step, seed, q
-
-    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
-                    local_steps: int, first_step: int, hyper: dict) -> RoundResult:
-        q = int(hyper.get("q", self.q))
-        th = np.array(theta, np.float32, copy=True)
-        vel = np.zeros_like(th) if schedule.momentum else None
-        sub = SubspaceState(th, guide) if guide is not None and guide.subspace else None
-        steps, losses = [], []
-        for i in range(local_steps):
-            t = first_step + i
-            seeds = step_seeds(self.seed, t, q)
-            rec, info = zo_measure(lambda x, t=t: self.loss_fn(x, t), th, schedule.eps_at(t), seeds,
-                                   ZOConfig(q=q, lam=0.0 if sub is not None else lam), guide)
-            if sub is not None:
-                sub.apply(rec, t, schedule)
-                th = sub.theta()
-            else:
-                apply_step(th, vel, rec, t, schedule, guide)
-            steps.append(rec)
-            losses.append(info.loss)
-        return RoundResult(steps=steps, examples=local_steps * self.examples_per_step,
-                           loss_before=float(losses[0]), loss_after=float(losses[-1]), theta=th,
-                           forward_passes=2 * q * local_steps)
-
-
-class EdgeTrainerAdapter:
-    """Drives an :class:`edge.train.Trainer` (llama.cpp) for one round: θ_t, the round's schedule and step in,
-    ``run_local_steps`` out. Momentum restarts at zero each round, as the guide's replay assumes."""
-
-    def __init__(self, *, trainer: Any) -> None:
-        self.trainer = trainer
-
-    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
-                    local_steps: int, first_step: int, hyper: dict) -> RoundResult:
-        tr = self.trainer
-        tr.begin_round(theta, schedule, first_step, hyper)
-        before = sum(tr.passes.values())
-        losses: list[float] = []
-        steps = []
-        for _ in range(local_steps):
-            rec, info = tr.train_step(guide, lam)
-            steps.append(rec)
-            losses.append(info.loss)
-        passes = sum(tr.passes.values()) - before  # decodes llama.cpp ran (full, capture and tail passes)
-        return RoundResult(steps=steps, examples=local_steps * tr.batch_size,
-                           loss_before=float(losses[0]), loss_after=float(losses[-1]),
-                           theta=tr.theta.copy(), forward_passes=passes)
 
 
 # ---- the client ---------------------------------------------------------------------------------
@@ -458,8 +373,8 @@ def decode_pending(frame: bytes) -> Update:
 
 
 __all__ = [
-    "DEFAULT_MAX_FRAME", "AuthRefused", "ClientConfig", "ClientSummary", "EdgeClient", "EdgeTrainerAdapter",
-    "FunctionTrainer", "LocalTrainer", "RoundResult", "add_guide_args", "client_seed", "parse_addr", "run_guided",
+    "DEFAULT_MAX_FRAME", "AuthRefused", "ClientConfig", "ClientSummary", "EdgeClient",
+    "LocalTrainer", "RoundResult", "add_guide_args", "parse_addr", "run_guided",
 ]
 
 

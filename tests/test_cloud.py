@@ -23,7 +23,8 @@ from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validat
 from cloud.config import GuideConfig
 from cloud.daemon import GuideServer, StaticGuidance
 from cloud.store import Store
-from edge.client import ClientConfig, EdgeClient, FunctionTrainer
+from edge.client import ClientConfig, EdgeClient
+from edge.round_trainer import FunctionTrainer
 from protocol.arrays import packb
 from protocol.auth import answer
 from protocol.errors import ProtocolError

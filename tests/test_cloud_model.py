@@ -17,7 +17,8 @@ from cloud.daemon import GuideServer
 from cloud.data import load_rotten_tomatoes, split
 from cloud.guidance import GuidanceBuilder, GuidanceConfig, build_guide
 from cloud.model import ClassificationTask, LoRAModel, TorchScorer, load_base, spec_for
-from edge.client import ClientConfig, EdgeClient, EdgeTrainerAdapter, client_seed
+from edge.client import ClientConfig, EdgeClient
+from edge.round_trainer import EdgeTrainerAdapter, client_seed
 
 TOKENS = {f"c{i}": f"secret-token-{i:04d}" for i in range(3)}
 

@@ -23,7 +23,8 @@ from conftest import tls_pair
 from cloud.config import GuideConfig, ServerConfig
 from cloud.daemon import GuideServer, StaticGuidance
 from cloud.tls import TLSError, self_signed_pair
-from edge.client import AuthRefused, ClientConfig, EdgeClient, FunctionTrainer
+from edge.client import AuthRefused, ClientConfig, EdgeClient
+from edge.round_trainer import FunctionTrainer
 from protocol.spec import AdapterSpec, ModelDims
 
 SPEC = AdapterSpec(kind="lora", dims=ModelDims(2, 16, 32, 4, 2), rank=2)

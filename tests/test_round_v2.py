@@ -14,7 +14,8 @@ from cloud.daemon import GuideServer, StaticGuidance
 from cloud.engine import compress_guidance, merge, plan_round, simulate_round
 from cloud.guidance import Guidance
 from cloud.store import Store
-from edge.client import ClientConfig, EdgeClient, FunctionTrainer
+from edge.client import ClientConfig, EdgeClient
+from edge.round_trainer import FunctionTrainer
 from protocol.messages import Guidance as WireGuidance
 from protocol.messages import LossStats, Update, decode, encode
 from protocol.spec import AdapterSpec, ModelDims

@@ -152,7 +152,7 @@ def test_guide_split_settings_change_what_the_edge_runs(tiny_llama_gguf, tmp_pat
     changes the passes the runtimes count; the guide refuses a split a subspace round cannot use."""
     from cloud.config import GuideConfig
     from cloud.daemon import check_split
-    from edge.client import EdgeTrainerAdapter
+    from edge.round_trainer import EdgeTrainerAdapter
 
     tr = _trainer(tiny_llama_gguf, tmp_path)
     ad = EdgeTrainerAdapter(trainer=tr)

@@ -13,7 +13,7 @@ from cloud.extras import MissingExtra
 REGISTRARS: list[tuple[str, str]] = [
     ("convert.cli", "register"),
     ("edge.commands", "register"),
-    ("edge.bench", "register"),
+    ("app.benches", "register"),
     ("cloud.cli", "register"),
     ("app.demo", "register"),
 ]

@@ -1,4 +1,5 @@
-"""``edgezo bench``: the benchmarks a user runs on their own device, printing a table and writing JSON.
+"""``edgezo bench forward`` and ``edgezo bench step``: the model benchmarks a user runs on their own device,
+printing a table and writing JSON (``app.benches`` puts them under ``edgezo bench`` with the others).
 
     edgezo bench forward [--quants q8_0,q4_0,q4_1] [--model M.gguf] [--data D.csv] [--json out.json]
     edgezo bench step [--model M.gguf] [--split-layer S] [--json out.json]
@@ -33,9 +34,8 @@ SAMPLE_TEXTS = [
 ]
 
 
-def register(sub: argparse._SubParsersAction) -> None:
-    b = sub.add_parser("bench", help="benchmarks for this device (tables + JSON)")
-    bs = b.add_subparsers(dest="bench", metavar="BENCH")
+def add_commands(bs: argparse._SubParsersAction) -> None:
+    """Add ``forward`` and ``step`` to the ``edgezo bench`` sub-parsers ``bs``."""
     f = bs.add_parser("forward", help="forward time per quantization type (which type to train on)",
                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     f.add_argument("--quants", default="q8_0,q4_0,q4_1", help="comma list; the first is the baseline")
@@ -59,7 +59,6 @@ def register(sub: argparse._SubParsersAction) -> None:
     s.add_argument("--threads", type=int, default=0)
     s.add_argument("--json", default=None)
     s.set_defaults(handler=cmd_step)
-    b.set_defaults(handler=lambda args: (b.print_help(), 2)[1])
 
 
 def _texts(data: str | None, n: int) -> list[str]:

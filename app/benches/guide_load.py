@@ -1,0 +1,267 @@
+"""Load test of the guide daemon: N simulated clients (protocol only, no model) on 127.0.0.1.
+
+The daemon runs as a real subprocess (``python -m app guide serve`` in model-free mode), so its peak RSS
+is measured from outside (psutil, sampled every 20 ms). Every simulated client authenticates, joins each
+round, uploads valid (seed, g) records for it and waits for the ack; the ack latency is measured from the
+first byte of the upload to the ack. Bounded: R rounds, then every client says bye; a global timeout stops
+everything regardless.
+
+    edgezo bench guide-load --clients 500 --rounds 3 --json out.json
+    python bench/guide_load.py --clients 500 --rounds 3 --json out.json
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from app.benches._args import int_range, positive_float
+from protocol.auth import client_handshake, client_ssl_context
+from protocol.framing import read_frame, write_frame
+from protocol.messages import Ack, Bye, LossStats, RoundRequest, RoundStart, Update
+from protocol.zo import Group, StepRecord
+
+ROOT = Path(__file__).resolve().parents[2]  # the folder holding the app package: the daemon's PYTHONPATH
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
+                  rng: np.random.Generator, counters: dict, tls) -> None:
+    name = f"sim{i:05d}"
+    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1" if tls else None)
+    try:
+        await client_handshake(r, w, name, token, timeout=60)
+        done = 0
+        while done < rounds:
+            await write_frame(w, RoundRequest(last_round=done - 1))
+            m = await read_frame(r, timeout=120, idle_timeout=120)
+            if isinstance(m, Bye):
+                break
+            if not isinstance(m, RoundStart):
+                continue
+            m.theta.decode()  # what a real edge does with θ (and the guide): decode it
+            if m.guidance is not None:
+                m.guidance.to_guide()
+            recs = [StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, q, dtype=np.uint64),
+                                             grads=(0.01 * rng.standard_normal(q)).astype(np.float32))])
+                    for _ in range(steps)]
+            up = Update(round_id=m.round_id, client_id=name, steps=recs, first_step=m.hyper.first_step,
+                        n_examples=16, loss=LossStats(mean=0.5, min=0.5, max=0.5, last=0.5),
+                        guide_id=m.guidance.guide_id if m.guidance is not None else "")
+            t0 = time.perf_counter()
+            counters["first"] = min(counters.get("first", t0), t0)
+            n_up = await write_frame(w, up)
+            counters["up_bytes"] = counters.get("up_bytes", 0) + n_up
+            a = await read_frame(r, timeout=120, idle_timeout=120)
+            t1 = time.perf_counter()
+            if isinstance(a, Ack) and a.accepted:
+                lat.append(t1 - t0)
+                counters["last"] = max(counters.get("last", t1), t1)
+            else:
+                counters["refused"] = counters.get("refused", 0) + 1
+            done += 1
+        await write_frame(w, Bye())
+    finally:
+        w.close()
+
+
+class DaemonDied(RuntimeError):
+    """The guide daemon exited before it listened; the message carries the tail of its stderr."""
+
+
+async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, err: Path) -> dict:
+    import psutil
+
+    ps = psutil.Process(proc.pid)
+    peak = [0]
+    stop = asyncio.Event()
+
+    async def sample():
+        while not stop.is_set():
+            try:
+                peak[0] = max(peak[0], ps.memory_info().rss)
+            except psutil.Error:
+                return
+            await asyncio.sleep(0.02)
+
+    sampler = asyncio.ensure_future(sample())
+    t_start = time.monotonic()
+    while True:  # wait for the daemon to listen
+        try:
+            _, w = await asyncio.open_connection("127.0.0.1", port)
+            w.close()
+            break
+        except OSError:
+            if proc.poll() is not None:
+                stop.set()
+                tail = err.read_text(errors="replace").strip().splitlines()[-1:] if err.is_file() else []
+                raise DaemonDied(f"the guide daemon exited with code {proc.returncode} before listening: "
+                                 f"{tail[0] if tail else '(no stderr)'}") from None
+            if time.monotonic() - t_start > 60:
+                raise
+            await asyncio.sleep(0.1)
+    rss_idle = ps.memory_info().rss
+    lat: list[float] = []
+    counters: dict = {}
+    rng = np.random.default_rng(args.seed)
+    t0 = time.perf_counter()
+    tls = None if args.insecure else client_ssl_context(args.cert)
+    tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
+                                           np.random.default_rng(rng.integers(2**32)), counters, tls))
+             for i in range(args.clients)]
+    res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.timeout)
+    wall = time.perf_counter() - t0
+    stop.set()
+    await sampler
+    errors = [repr(e) for e in res if isinstance(e, BaseException)]
+    lat_ms = np.array(lat) * 1e3
+    span = counters.get("last", 0) - counters.get("first", 0)
+    return {
+        "clients": args.clients, "rounds": args.rounds, "steps_per_upload": args.steps, "q": args.q,
+        "tls": not args.insecure,
+        "uploads_acked": len(lat), "refused": counters.get("refused", 0), "client_errors": len(errors),
+        "error_samples": errors[:3], "wall_s": round(wall, 2),
+        "uploads_per_s": round(len(lat) / wall, 1),
+        "uploads_per_s_upload_phase": round(len(lat) / span, 1) if span > 0 else None,
+        "ack_latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 2),
+                           "p99": round(float(np.percentile(lat_ms, 99)), 2),
+                           "max": round(float(lat_ms.max()), 2)} if lat else None,
+        "daemon_rss_mb": {"idle": round(rss_idle / 2**20, 1), "peak": round(peak[0] / 2**20, 1)},
+        "up_bytes_per_update": counters.get("up_bytes", 0) // max(1, len(lat)),
+    }
+
+
+def _dims(s: str) -> str:
+    """An argparse ``type``: five positive integers n_layers,hidden,intermediate,heads,kv_heads."""
+    parts = s.split(",")
+    if len(parts) != 5 or not all(p.strip().isdigit() and int(p) > 0 for p in parts):
+        raise argparse.ArgumentTypeError(f"want five positive integers n_layers,hidden,intermediate,heads,kv_heads, "
+                                         f"got {s!r}")
+    return s
+
+
+def add_arguments(ap: argparse.ArgumentParser) -> None:
+    """The bench's flags (``edgezo bench guide-load`` and ``bench/guide_load.py`` alike)."""
+    ap.add_argument("--clients", type=int_range(1, 5000), default=500)
+    ap.add_argument("--rounds", type=int_range(1, 100), default=3)
+    ap.add_argument("--steps", type=int_range(1), default=10, help="local steps (StepRecords) per upload")
+    ap.add_argument("--q", type=int_range(1), default=2, help="perturbations per step")
+    ap.add_argument("--dims", type=_dims, default="30,576,1536,9,3",
+                    help="adapter dims (default: SmolLM2-135M, d=460,800)")
+    ap.add_argument("--timeout", type=positive_float, default=300.0)
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--json", default=None, help="write the results here")
+    ap.add_argument("--insecure", action="store_true", help="plaintext TCP instead of TLS (the default)")
+
+
+def run(args: argparse.Namespace) -> int:
+    """Start the daemon, run the clients, print the results as JSON (and write them with --json).
+
+    0 when every upload of every round was acked and no client failed; 1 otherwise; 2 without psutil."""
+    from cloud.extras import MissingExtra
+
+    try:
+        import psutil  # noqa: F401  (the daemon's RSS is read from outside)
+    except ModuleNotFoundError:
+        raise MissingExtra("bench guide-load needs psutil (psutil is missing): pip install psutil") from None
+    tmp = Path(tempfile.mkdtemp(prefix="guide_load_"))
+    port = _free_port()
+    tokens = {f"sim{i:05d}": f"tok-{i:05d}-{os.urandom(6).hex()}" for i in range(args.clients)}
+    cfg = tmp / "guide.toml"
+    if args.insecure:
+        server_tls = "insecure = true\n"
+    else:
+        from cloud.tls import self_signed_pair
+
+        cert, key = self_signed_pair(tmp / "tls", hosts=["127.0.0.1", "localhost"], days=1)
+        args.cert = str(cert)
+        server_tls = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
+    cfg.write_text(
+        f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{tmp / "state"}"\nlog_file = "{tmp / "guide.jsonl"}"\n'
+        f'long_poll_s = 60.0\n' + server_tls + f'[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
+        f'max_clients = {args.clients}\ndeadline_s = 120.0\njoin_window_s = 0.0\n'
+        f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nk = 4\n[clients.tokens]\n'
+        + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))
+    err = tmp / "daemon.err"
+    proc = subprocess.Popen([sys.executable, "-m", "app", "guide", "serve", "--config", str(cfg),
+                             "--dims", args.dims], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+                            stderr=open(err, "wb"))  # noqa: SIM115
+    ok = False
+    try:
+        out = asyncio.run(_run(args, port, tokens, proc, err))
+        t = time.monotonic()  # let the last round close, then read the daemon's own account
+        while time.monotonic() - t < 120:
+            lines = (tmp / "guide.jsonl").read_text().splitlines()
+            closed = [json.loads(x) for x in lines if '"round_closed"' in x]
+            if len(closed) >= args.rounds:
+                break
+            time.sleep(0.2)
+        out["rounds_closed"] = [{"round": c["round"], "uploads": c["uploads"], "merge_s": c.get("merge_s"),
+                                 "down_bytes": c.get("down_bytes"),
+                                 "down_bytes_per_client": c.get("down_bytes_per_client"),
+                                 "up_bytes": c.get("up_bytes"), "up_bytes_per_upload": c.get("up_bytes_per_upload")}
+                                for c in closed]
+        opened = {json.loads(x)["round"]: json.loads(x)["ts"] for x in lines if '"round_open"' in x}
+        out["aggregate_s"] = [round(c["ts"] - opened.get(c["round"], c["ts"]), 2) for c in closed]
+        out["d"] = json.loads(lines[0]).get("d")
+        ok = True
+    except DaemonDied as e:
+        print(f"edgezo: error: {e}", file=sys.stderr)
+        return 1
+    finally:
+        proc.terminate()
+        try:
+            out_rc = proc.wait(30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out_rc = -9
+        if not ok:
+            print(f"guide-load: the daemon's config and logs are kept in {tmp}", file=sys.stderr)
+    out["daemon_exit"] = out_rc
+    out["cpu"] = {"count": os.cpu_count()}
+    print(json.dumps(out, indent=1))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(out, indent=1))
+    passed = out["uploads_acked"] == args.clients * args.rounds and not out["client_errors"]
+    if passed:
+        shutil.rmtree(tmp, ignore_errors=True)
+    else:
+        print(f"guide-load: not every upload was acked; the daemon's config and logs are kept in {tmp}",
+              file=sys.stderr)
+    return 0 if passed else 1
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    """``python -m app.benches.guide_load`` and ``bench/guide_load.py``."""
+    from cloud.extras import MissingExtra
+
+    ap = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0])
+    add_arguments(ap)
+    args = ap.parse_args(argv)
+    try:
+        return run(args)
+    except MissingExtra as e:
+        print(f"{ap.prog}: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main(prog="python -m app.benches.guide_load"))

@@ -41,24 +41,20 @@ import numpy as np
 from cloud.aggregate import RoundPlan, Upload
 from cloud.config import GuideConfig
 from cloud.connections import HANDSHAKE_MAX_FRAME, ConnectionsMixin, StatusNeedsToken, _Refuse  # noqa: E402, F401
-from cloud.engine import compress_guidance, merge, plan_round
+from cloud.engine import compress_guidance, merge, plan_round, round_start
 from cloud.guidance import Guidance
 from cloud.guide_log import JsonLog, _finite, _json_capped, _jsonable  # noqa: E402, F401
 from cloud.store import Store, upload_digest
 from cloud.uploads import UploadsMixin  # noqa: E402
-from protocol import codecs
 from protocol.auth import Authenticator
 from protocol.messages import (
     Bye,
     GuidanceNext,
     GuidanceRequest,
-    Hyper,
     Message,
     RoundRequest,
-    RoundStart,
     Status,
     encode,
-    theta_digest,
 )
 from protocol.messages import Guidance as WireGuidance
 from protocol.spec import AdapterSpec
@@ -356,14 +352,8 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
         if by_ref not in self._round_frames:
             p = self.plan
             wire_g = self._round_wire_guidance()
-            tc = self.cfg.train
-            msg = RoundStart(
-                round_id=p.round_id, spec=self.spec, theta=codecs.encode(p.theta, "fp32"),
-                theta_digest=theta_digest(p.theta), guidance=None if by_ref else wire_g,
-                guidance_id=wire_g.guide_id if wire_g is not None else "", lam=p.lam if p.lam >= 0 else "online",
-                hyper=Hyper(schedule=p.schedule, q=tc.q, local_steps=p.local_steps, batch_size=tc.batch,
-                            first_step=p.first_step, split_layer=tc.split_layer, p1=tc.p1, p2=tc.p2),
-                deadline=self.deadline)
+            msg = round_start(p, spec=self.spec, train=self.cfg.train, guidance=wire_g, deadline=self.deadline,
+                              by_ref=by_ref)
             self._round_frames[by_ref] = encode(msg)
             g_bytes = 0 if wire_g is None or by_ref else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)
             self.log("round_frame", round=p.round_id, bytes=len(self._round_frames[by_ref]), by_ref=by_ref,

@@ -24,10 +24,14 @@ from typing import Any
 
 import numpy as np
 
-from cloud.aggregate import RoundPlan, Upload, aggregate, validate_upload
+from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validate_upload
 from cloud.config import TrainConfig
 from cloud.guidance import Guidance
+from protocol import codecs
+from protocol.errors import SchemaError
 from protocol.messages import Guidance as WireGuidance
+from protocol.messages import Hyper, RoundStart, Update, theta_digest
+from protocol.spec import AdapterSpec
 from protocol.zo import Guide, Schedule
 
 GUIDANCE_CODEC = "q8"  # what the guide sends Q / U and g_B as (the plan keeps the decoded arrays)
@@ -64,6 +68,43 @@ def plan_round(*, round_id: int, theta: np.ndarray, guidance: Guidance | None, g
                      guide=guide, schedule=round_schedule(train, total_rounds), lam=lam,
                      local_steps=train.local_steps, first_step=round_id * train.local_steps,
                      edge_weight=train.edge_weight)
+
+
+def round_start(plan: RoundPlan, *, spec: AdapterSpec, train: TrainConfig, guidance: WireGuidance | None,
+                deadline: float, by_ref: bool = False) -> RoundStart:
+    """The RoundStart every transport sends for ``plan``: θ'_t dense fp32 (the edge must start from it bit for bit,
+    checked by its digest), the guidance as compressed once (``guidance``; ``by_ref``: named by id only, for a
+    client that prefetched it), λ, the schedule and the [train] settings the edge runs."""
+    return RoundStart(
+        round_id=plan.round_id, spec=spec, theta=codecs.encode(plan.theta, "fp32"),
+        theta_digest=theta_digest(plan.theta), guidance=None if by_ref else guidance,
+        guidance_id=guidance.guide_id if guidance is not None else "", lam=plan.lam if plan.lam >= 0 else "online",
+        hyper=Hyper(schedule=plan.schedule, q=train.q, local_steps=plan.local_steps, batch_size=train.batch,
+                    first_step=plan.first_step, split_layer=train.split_layer, p1=train.p1, p2=train.p2),
+        deadline=deadline)
+
+
+def upload_of(plan: RoundPlan, client: str, msg: Update, *, example_cap: int) -> Upload:
+    """The Upload the guide keeps for ``msg``: its example count capped by the server (``example_cap``, from
+    ``[rounds] max_examples`` or local steps × batch), never the client's word alone."""
+    return Upload(client=client, round_id=msg.round_id, basis_id=msg.guide_id, steps=msg.steps,
+                  examples=min(int(msg.n_examples), example_cap), loss_before=msg.loss.max,
+                  loss_after=msg.loss.last, meta={"first_step": msg.first_step})
+
+
+def accept_update(plan: RoundPlan, client: str, msg: Update, *, d: int, example_cap: int) -> Upload:
+    """``msg`` as an Upload that :func:`merge` can replay, or UploadRefused saying why not (spans outside θ, wrong
+    round, basis or first step, malformed records). Every transport (TCP daemon, Flower) runs this one check;
+    who ``client`` is, is the transport's to establish (an authenticated connection, a Flower node id)."""
+    try:
+        msg.check_spans(d)
+    except SchemaError as e:
+        raise UploadRefused(str(e)) from None
+    up = upload_of(plan, client, msg, example_cap=example_cap)
+    validate_upload(plan, up)
+    if msg.first_step != plan.first_step:
+        raise UploadRefused(f"upload starts at step {msg.first_step}, round starts at {plan.first_step}")
+    return up
 
 
 def merge(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:

@@ -6,10 +6,10 @@ import asyncio
 
 import numpy as np
 
-from cloud.aggregate import Upload, UploadRefused, validate_upload
+from cloud.aggregate import Upload, UploadRefused
 from cloud.connections import _Refuse
+from cloud.engine import accept_update, upload_of
 from cloud.store import upload_digest
-from protocol.errors import SchemaError
 from protocol.messages import (
     Ack,
     Message,
@@ -74,13 +74,10 @@ class UploadsMixin:
         if msg.client_id != client:
             raise _Refuse("refused", f"update names client {msg.client_id!r}, connection is {client!r}")
         try:
-            msg.check_spans(self.spec.d)
-            up = self._as_upload(client, msg)
-            validate_upload(plan, up)
-            if msg.first_step != plan.first_step:
-                raise UploadRefused(f"upload starts at step {msg.first_step}, round starts at {plan.first_step}")
-        except (UploadRefused, SchemaError) as e:
+            up = accept_update(plan, client, msg, d=self.spec.d, example_cap=self._example_cap())
+        except UploadRefused as e:
             return Ack(round_id=rid, accepted=False, reason=str(e)[:4000])
+        self._log_capped(client, msg, up)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[client] = fut  # reserved before the await: a concurrent duplicate waits for this commit
         try:
@@ -104,21 +101,23 @@ class UploadsMixin:
             self._round_done.set()
         return Ack(round_id=up.round_id, accepted=True)
 
-    def _as_upload(self, client: str, msg: Update, *, log: bool = True) -> Upload:
-        """The Upload the guide stores for ``msg``: its example count capped by the server, never the client's
-        word alone (``[rounds] max_examples``; 0: local steps × batch, what one round can use)."""
-        cap = self.cfg.rounds.max_examples or self.plan.local_steps * self.cfg.train.batch
-        examples = min(int(msg.n_examples), cap)
-        if examples < msg.n_examples and log:
+    def _example_cap(self) -> int:
+        """The most examples an upload is weighted by: ``[rounds] max_examples``; 0: local steps × batch, what one
+        round can use (cloud.engine.upload_of applies it)."""
+        return self.cfg.rounds.max_examples or self.plan.local_steps * self.cfg.train.batch
+
+    def _log_capped(self, client: str, msg: Update, up: Upload) -> None:
+        if up.examples < msg.n_examples:
             self.stats["examples_capped"] += 1
-            self.log("examples_capped", client=client, claimed=int(msg.n_examples), used=examples)
-        return Upload(client=client, round_id=msg.round_id, basis_id=msg.guide_id, steps=msg.steps,
-                      examples=examples, loss_before=msg.loss.max, loss_after=msg.loss.last,
-                      meta={"first_step": msg.first_step})
+            self.log("examples_capped", client=client, claimed=int(msg.n_examples), used=up.examples)
+
+    def _as_upload(self, client: str, msg: Update) -> Upload:
+        """The Upload the guide stores for ``msg`` (example count capped by the server)."""
+        return upload_of(self.plan, client, msg, example_cap=self._example_cap())
 
     def _duplicate(self, client: str, msg: Update) -> Ack:
         """A second upload for a round: acknowledged only if it says exactly what the stored one says."""
-        if upload_digest(self._as_upload(client, msg, log=False)) == self._digests.get(client):
+        if upload_digest(self._as_upload(client, msg)) == self._digests.get(client):
             return Ack(round_id=msg.round_id, accepted=True, reason="duplicate")
         self.stats["forged_duplicates"] += 1
         self.log("duplicate_refused", client=client, round=msg.round_id)

@@ -30,9 +30,17 @@ from typing import Any
 
 import numpy as np
 
-from edge.round_trainer import EdgeTrainerAdapter, LocalTrainer, RoundResult, client_seed
+from edge.round_trainer import (
+    GUIDES_HELD,
+    EdgeTrainerAdapter,
+    LocalTrainer,
+    RoundResult,
+    client_seed,
+    round_inputs,
+    round_update,
+    train_round_start,
+)
 from protocol.auth import client_handshake
-from protocol.codecs import EncodedArray
 from protocol.constants import DEFAULT_MAX_FRAME, MAX_GUIDE_IDS
 from protocol.errors import AuthError, ProtocolError
 from protocol.framing import parse_addr, read_frame, write_frame
@@ -42,7 +50,6 @@ from protocol.messages import (
     Error,
     GuidanceNext,
     GuidanceRequest,
-    LossStats,
     Message,
     RoundRequest,
     RoundStart,
@@ -258,21 +265,6 @@ class EdgeClient:
                 raise ProtocolError(f"unexpected reply to RoundRequest: {type(msg).__name__}")
             await self._do_round(conn, msg)
 
-    def _guide(self, rs: RoundStart) -> Guide | None:
-        """The round's decoded guidance (cached by guide_id: decoding a large Q once per guide)."""
-        if rs.guidance is None:
-            if not rs.guidance_id:
-                return None
-            if rs.guidance_id not in self.guides:
-                raise ProtocolError(f"round {rs.round_id} names guidance {rs.guidance_id!r} this client does not hold")
-            return self.guides[rs.guidance_id]
-        gid = rs.guidance.guide_id or rs.guidance.digest()
-        if gid not in self.guides:
-            self.guides[gid] = rs.guidance.to_guide()
-            while len(self.guides) > 2:
-                self.guides.pop(next(iter(self.guides)))
-        return self.guides[gid]
-
     async def _prefetch(self, rid: int) -> None:
         """Round ``rid``'s guidance over a second connection, decoded into ``self.guides``. Best effort: any
         failure is logged and the next RoundStart simply carries the guidance."""
@@ -290,7 +282,7 @@ class EdgeClient:
                 gid = g.guide_id or g.digest()
                 if gid not in self.guides:
                     self.guides[gid] = await asyncio.get_running_loop().run_in_executor(None, g.to_guide)
-                    while len(self.guides) > 2:
+                    while len(self.guides) > GUIDES_HELD:
                         self.guides.pop(next(iter(self.guides)))
                 self.log("prefetched", client=self.cfg.client_id, round=rid, guide_id=gid)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError, AuthRefused) as e:
@@ -310,29 +302,17 @@ class EdgeClient:
             self.log("prefetch_failed", client=self.cfg.client_id, error="timed out")
 
     async def _do_round(self, conn: _Conn, rs: RoundStart) -> None:
-        rid, h = rs.round_id, rs.hyper
-        if not isinstance(rs.theta, EncodedArray):
-            raise ProtocolError("this client takes a dense θ (base_round = -1), got replay records")
-        theta = rs.theta.decode().astype(np.float32)
-        if rs.theta_digest and theta_digest(theta) != rs.theta_digest:
-            raise ProtocolError(f"round {rid}: decoded θ does not match the guide's digest")
-        guide = self._guide(rs)
-        gid = rs.guidance.guide_id if rs.guidance is not None else rs.guidance_id
+        rid = rs.round_id
+        theta, guide, gid = round_inputs(rs, self.guides)
         if self.cfg.prefetch and guide is not None:
             self._prefetch_task = asyncio.ensure_future(self._prefetch(rid + 1))
         t0 = time.perf_counter()
-        res: RoundResult = await asyncio.get_running_loop().run_in_executor(None, lambda: self.trainer.train_round(
-            theta=theta, guide=guide, schedule=h.schedule, lam=rs.lam, local_steps=h.local_steps,
-            first_step=h.first_step, hyper={"q": h.q, "batch": h.batch_size, "seed_base": h.seed_base,
-                   "split_layer": h.split_layer, "p1": h.p1, "p2": h.p2}))
+        res: RoundResult = await asyncio.get_running_loop().run_in_executor(
+            None, lambda: train_round_start(self.trainer, rs, theta, guide))
         train_s = time.perf_counter() - t0
         self.theta, self.last_round = res.theta, rid
         self.summary.forward_passes += res.forward_passes
-        fin = [x for x in (res.loss_before, res.loss_after) if math.isfinite(x)] or [0.0]
-        loss = LossStats(mean=float(np.mean(fin)), min=min(fin), max=max(fin), last=fin[-1])
-        frame = encode(Update(round_id=rid, client_id=self.cfg.client_id, steps=res.steps, first_step=h.first_step,
-                              n_examples=res.examples, loss=loss, guide_id=gid, theta_digest=rs.theta_digest,
-                              duration_s=train_s))
+        frame = encode(round_update(rs, res, client_id=self.cfg.client_id, guide_id=gid, duration_s=train_s))
         self._save_pending(frame)
         reply = await conn.send_raw(frame)
         self._clear_pending()

@@ -9,13 +9,17 @@ loss function, for tests and tiny models). Never imports torch.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable
+import math
+from collections.abc import Callable, MutableMapping
 from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from edge.zo import ZOConfig, step_seeds, zo_measure
+from protocol.codecs import EncodedArray
+from protocol.errors import ProtocolError
+from protocol.messages import LossStats, RoundStart, Update, theta_digest
 from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
 
 
@@ -100,3 +104,49 @@ class EdgeTrainerAdapter:
         return RoundResult(steps=steps, examples=local_steps * tr.batch_size,
                            loss_before=float(losses[0]), loss_after=float(losses[-1]),
                            theta=tr.theta.copy(), forward_passes=passes)
+
+
+# ---- one round from a RoundStart to an Update: what every transport (TCP client, Flower ClientApp) runs ----------
+GUIDES_HELD = 2  # decoded guides a client keeps (the current round's and a prefetched next one)
+
+
+def round_inputs(rs: RoundStart, guides: MutableMapping[str, Guide]) -> tuple[np.ndarray, Guide | None, str]:
+    """(θ_t, decoded guide, guide id) of a RoundStart. θ is checked against the guide's digest; guidance sent by id
+    only must be in ``guides`` (prefetched); guidance sent in full is decoded once and kept there by id.
+    Raises ProtocolError when the round cannot be run as sent."""
+    rid = rs.round_id
+    if not isinstance(rs.theta, EncodedArray):
+        raise ProtocolError("this client takes a dense θ (base_round = -1), got replay records")
+    theta = rs.theta.decode().astype(np.float32)
+    if rs.theta_digest and theta_digest(theta) != rs.theta_digest:
+        raise ProtocolError(f"round {rid}: decoded θ does not match the guide's digest")
+    if rs.guidance is None:
+        if not rs.guidance_id:
+            return theta, None, ""
+        if rs.guidance_id not in guides:
+            raise ProtocolError(f"round {rid} names guidance {rs.guidance_id!r} this client does not hold")
+        return theta, guides[rs.guidance_id], rs.guidance_id
+    gid = rs.guidance.guide_id or rs.guidance.digest()
+    if gid not in guides:
+        guides[gid] = rs.guidance.to_guide()  # the decoded bits: the guide's replay uses exactly these
+        while len(guides) > GUIDES_HELD:
+            guides.pop(next(iter(guides)))
+    return theta, guides[gid], rs.guidance.guide_id
+
+
+def train_round_start(trainer: LocalTrainer, rs: RoundStart, theta: np.ndarray, guide: Guide | None) -> RoundResult:
+    """Run the round ``rs`` describes on ``trainer``: its schedule, λ, local steps, first step and hyper-parameters."""
+    h = rs.hyper
+    return trainer.train_round(theta=theta, guide=guide, schedule=h.schedule, lam=rs.lam, local_steps=h.local_steps,
+                               first_step=h.first_step,
+                               hyper={"q": h.q, "batch": h.batch_size, "seed_base": h.seed_base,
+                                      "split_layer": h.split_layer, "p1": h.p1, "p2": h.p2})
+
+
+def round_update(rs: RoundStart, res: RoundResult, *, client_id: str, guide_id: str, duration_s: float) -> Update:
+    """The Update a client sends for round ``rs``: its (seed, g) records, example count and loss statistics."""
+    fin = [x for x in (res.loss_before, res.loss_after) if math.isfinite(x)] or [0.0]
+    loss = LossStats(mean=float(np.mean(fin)), min=min(fin), max=max(fin), last=fin[-1])
+    return Update(round_id=rs.round_id, client_id=client_id, steps=res.steps, first_step=rs.hyper.first_step,
+                  n_examples=res.examples, loss=loss, guide_id=guide_id, theta_digest=rs.theta_digest,
+                  duration_s=duration_s)

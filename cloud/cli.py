@@ -77,16 +77,20 @@ def lead_config(cfg):
                       k=cfg.train.k, trajectory=c.trajectory)
 
 
-def build_server(cfg, *, dims: str | None = None):
-    """A GuideServer for a config: torch guidance when a model is set, else static guidance on ``dims``."""
+def build_source(cfg, *, dims: str | None = None) -> tuple:
+    """(spec, θ_0, guidance source, log events) for a config, whatever the transport (the TCP daemon, the Flower
+    ServerApp): torch guidance when ``[model] path`` is set (round v2: the leading cloud, warm-started), else
+    static guidance on ``dims`` ("n_layers,hidden,intermediate,heads,kv_heads"). ``log events``: (event, fields)
+    pairs for the guide's log."""
     import numpy as np
 
-    from cloud.daemon import GuideServer, StaticGuidance
+    from cloud.daemon import StaticGuidance
     from cloud.guidance import GuidanceConfig
     from protocol.spec import AdapterSpec, ModelDims
 
     m, tc = cfg.model, cfg.train
     rng = np.random.default_rng(cfg.data.seed)
+    events: list[tuple[str, dict]] = []
     if m.path:
         from cloud.extras import require_cloud
 
@@ -110,6 +114,8 @@ def build_server(cfg, *, dims: str | None = None):
             train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
             guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha,
                                           precondition=tc.precondition), rng=rng)
+        events.append(("public_data", {**report, "used": len(public), "template": cfg.data.template,
+                                       "label_words": cfg.data.label_words}))
         if tc.subspace:  # round v2: the cloud leads (warm start, resumable) and sends a subspace each round
             from cloud.lead import CloudLead
 
@@ -118,6 +124,11 @@ def build_server(cfg, *, dims: str | None = None):
                                  state_dir=Path(cfg.server.state_dir) / "cloud")
             theta0 = guidance.warm_start(theta0)
             warm = [h["loss"] for h in guidance.history if h["phase"] == "warm"]
+            # what the cloud alone reached before round 0
+            events.append(("cloud_warm_start", {"steps": cfg.cloud.warm_steps,
+                                                "public_loss_first": warm[0] if warm else None,
+                                                "public_loss_last": warm[-1] if warm else None,
+                                                "theta0_norm": float(np.linalg.norm(theta0))}))
     else:
         if not dims:
             raise ValueError("no model configured: give [model] path or --dims for a model-free guide")
@@ -127,13 +138,17 @@ def build_server(cfg, *, dims: str | None = None):
         theta0 = spec.flatten(spec.init(m.init_seed))
         guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng,
                                   kind=tc.kind if tc.subspace else "guided")
+    return spec, theta0, guidance, events
+
+
+def build_server(cfg, *, dims: str | None = None):
+    """A GuideServer for a config: torch guidance when a model is set, else static guidance on ``dims``."""
+    from cloud.daemon import GuideServer
+
+    spec, theta0, guidance, events = build_source(cfg, dims=dims)
     server = GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
-    if m.path:
-        server.log("public_data", **report, used=len(public), template=cfg.data.template,
-                   label_words=cfg.data.label_words)
-    if m.path and tc.subspace:  # what the cloud alone reached before round 0
-        server.log("cloud_warm_start", steps=cfg.cloud.warm_steps, public_loss_first=warm[0] if warm else None,
-                   public_loss_last=warm[-1] if warm else None, theta0_norm=float(np.linalg.norm(theta0)))
+    for event, fields in events:
+        server.log(event, **fields)
     return server
 
 

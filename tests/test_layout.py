@@ -5,7 +5,7 @@ out of the others. Every ``import`` in the source counts, including the lazy one
     edge/      protocol, convert (GGUF helpers); never torch
     cloud/     protocol, convert; never llama_cpp
     convert/   protocol
-    protocol/  nothing of ours
+    protocol/  nothing of ours; never flwr (Flower's records carry protocol frames, protocol knows no Flower)
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ ALLOWED: dict[str, set[str]] = {
     "protocol": set(),
 }
 FORBIDDEN_THIRD_PARTY: dict[str, set[str]] = {"edge": {"torch", "transformers", "peft"}, "cloud": {"llama_cpp"},
-                                              "protocol": {"torch", "llama_cpp"}}
+                                              "protocol": {"torch", "llama_cpp", "flwr"}}
 
 
 def imports(source: str) -> list[tuple[int, str]]:
@@ -65,6 +65,7 @@ def test_roles_import_only_downward():
     ("protocol", "import convert", True),
     ("cloud", "import llama_cpp", True),
     ("edge", "import torch", True),
+    ("protocol", "from flwr.app import ConfigRecord", True),  # Flower's records are the transport's, not the wire's
     ("app", "from edge.client import EdgeClient\nfrom cloud.daemon import serve", False),
     ("edge", "from convert.tail import write_tail_gguf\nfrom protocol.zo import Guide", False),
 ])

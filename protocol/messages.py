@@ -218,8 +218,9 @@ class GuidanceNext(Message):
 class RoundStart(Message):
     """Server → client: run a round.
 
-    ``theta``: either a :class:`ThetaReplay` (apply its rounds to the θ of ``base_round`` the client holds)
-    or a compressed dense θ (an :class:`~protocol.codecs.EncodedArray` of shape (d,), ``base_round`` = -1).
+    ``theta``: either a :class:`ThetaReplay` (apply its rounds to the θ of ``base_round`` the client holds: each
+    a round's records, its c-space move or a compressed delta) or a dense θ (an
+    :class:`~protocol.codecs.EncodedArray` of shape (d,), ``base_round`` = -1).
     ``theta_digest``: :func:`theta_digest` of θ_round after reconstruction ("" = unchecked).
     ``guidance``: this round's Q / g_B / α (None: plain MeZO). ``lam``: rectification weight λ ∈ [0, 1] or
     ``"online"`` (the edge estimates λ* per step; needs g_B). ``deadline``: unix time the upload is due.
@@ -247,6 +248,8 @@ class RoundStart(Message):
             for r in self.theta.rounds:
                 if r.guidance is not None and r.guidance.d != d:
                     raise SchemaError(f"{path}.theta: round {r.round_id} guidance is for d={r.guidance.d} != {d}")
+                if r.delta is not None and r.delta.shape != (d,):
+                    raise SchemaError(f"{path}.theta: round {r.round_id} delta has shape {r.delta.shape}, spec has d={d}")
                 for u in r.updates:
                     _check_spans(u.steps, d, f"{path}.theta.round[{r.round_id}]")
         if self.guidance is not None and self.guidance.d != d:

@@ -1,10 +1,12 @@
 """The payloads messages carry: guidance (compressed basis + gradient, with the digest the receiver checks),
-round hyper-parameters, loss statistics, and θ as replay records; plus the digests of θ and guidance."""
+round hyper-parameters, loss statistics, and θ as replay records (a round's records, its c-space move, or a compressed
+delta); plus the digests of θ and guidance."""
 
 from __future__ import annotations
 
 import hashlib
 import struct
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +38,7 @@ from protocol.schema import (
     wf,
 )
 from protocol.steps import StepsT
-from protocol.zo import GUIDE_KINDS, Guide, Schedule, StepRecord, replay
+from protocol.zo import GUIDE_KINDS, Guide, Schedule, StepRecord, replay, subspace_theta
 
 
 def array_digest(*arrays: np.ndarray, extra: bytes = b"") -> str:
@@ -141,22 +143,62 @@ class ReplayUpdate:
     steps: list[StepRecord] = wf(StepsT(), default_factory=list)
 
 
+MAX_C = 4096  # numbers in a c-space move (a subspace round's k, at most 128 today)
+
+
 @dataclass(kw_only=True)
 class ReplayRound:
-    """Everything needed to redo one cloud round: θ_{t+1} = θ_t + Σ_i w_i (replay_i(θ_t) − θ_t)."""
+    """How θ moved in round ``round_id``: θ_{r+1} from θ_r, in one of three exact forms.
+
+    * ``updates`` (the first design, d-space): θ_{r+1} = θ_r + edge_weight·Σ_i w_i (replay_i(θ_r) − θ_r).
+    * ``c`` (a subspace round, round v2): the merge's move in c-space, edge_weight·Σ_i w_i c_i as k float64
+      numbers; θ_{r+1} = subspace_theta(θ_r, U_r, c), the very call the guide's merge makes (cloud.aggregate).
+    * ``delta`` (a compressed θ, ``[wire] theta = "adaptive"``): θ_{r+1} = θ_r + decode(delta) in float32; the
+      guide made that sum the round's θ, so the edge lands on it bit for bit.
+
+    The first two need the round's decoded guidance: ``guidance`` itself, or ``guide_id`` naming one the
+    receiver holds (it trained in that round or prefetched its guidance).
+    """
 
     round_id: int = wf(IntT(0, I64 - 1))
-    schedule: Schedule = wf(ScheduleT())
+    schedule: Schedule = wf(ScheduleT(), default_factory=Schedule)
     guidance: Guidance | None = wf(OptT(NestedT(Guidance)), default=None)
     updates: list[ReplayUpdate] = wf(ListT(NestedT(ReplayUpdate)), default_factory=list)
+    guide_id: str = wf(StrT(MAX_ID_LEN), default="")
+    edge_weight: float = wf(FloatT(0.0, 4.0), default=1.0)
+    c: list[float] | None = wf(OptT(ListT(FloatT(), MAX_C)), default=None)
+    delta: EncodedArray | None = wf(OptT(EncT(1)), default=None)
+
+    def check(self, path: str) -> None:
+        forms = sum((bool(self.updates), self.c is not None, self.delta is not None))
+        if forms > 1:
+            raise SchemaError(f"{path}: a round moves θ by updates, c or delta: one of them, got {forms}")
+        if self.c is not None and self.guidance is not None and self.guidance.basis.shape[1] != len(self.c):
+            raise SchemaError(f"{path}.c: {len(self.c)} numbers for a basis of k={self.guidance.basis.shape[1]}")
+        if self.guidance is not None and self.guide_id and self.guide_id != self.guidance.guide_id:
+            raise SchemaError(f"{path}.guide_id: {self.guide_id!r} is not the id of the guidance sent")
+
+    @property
+    def form(self) -> str:
+        """"c", "delta" or "updates" (no updates at all: θ did not move)."""
+        return "c" if self.c is not None else "delta" if self.delta is not None else "updates"
 
     def apply(self, theta: np.ndarray, guide: Guide | None = None) -> np.ndarray:
-        """θ after this round. THE aggregation function: the cloud must compute its θ_{t+1} with this very
-        function (same float32 ops, same order) for edge replay to be bit-exact. ``guide``: the decoded
-        guidance, to skip decoding it again."""
+        """θ after this round (a new float32 array). THE function of each form the guide computes its θ_{r+1}
+        with (same float ops, same order), so the result is bit-exact. ``guide``: the round's decoded guidance
+        (default: ``guidance`` decoded); a ``c`` or ``updates`` form that needs one and has none: ValueError."""
         theta = np.asarray(theta, np.float32)
+        if self.delta is not None:
+            if self.delta.shape != theta.shape:
+                raise ValueError(f"round {self.round_id}: delta of shape {self.delta.shape} for θ of {theta.shape}")
+            return np.add(theta, self.delta.decode().astype(np.float32), dtype=np.float32)
         if guide is None and self.guidance is not None:
             guide = self.guidance.to_guide()
+        if self.c is not None:
+            if guide is None or not guide.subspace or guide.k != len(self.c) or guide.d != theta.shape[0]:
+                raise ValueError(f"round {self.round_id}: a c-space move needs that round's subspace "
+                                 f"(k={len(self.c)}, d={theta.shape[0]})")
+            return subspace_theta(theta, guide.basis, np.asarray(self.c, np.float64))
         if not self.updates:
             return theta.copy()
         # float64 accumulation in list order, like cloud.aggregate.aggregate (the cloud lists updates in
@@ -166,20 +208,32 @@ class ReplayRound:
         for u in self.updates:
             theta_i = replay(theta, u.steps, self.schedule, guide, u.first_step)
             acc += u.weight * (theta_i.astype(np.float64) - base)
-        return (base + acc).astype(np.float32)
+        return (base + self.edge_weight * acc).astype(np.float32)
 
 
 @dataclass(kw_only=True)
 class ThetaReplay:
-    """θ as replay records: apply ``rounds`` in order to the θ the client holds for ``RoundStart.base_round``."""
+    """θ as replay records: apply ``rounds`` in order to the θ the client holds for ``RoundStart.base_round``
+    (no rounds: θ is the one it holds)."""
 
     rounds: list[ReplayRound] = wf(ListT(NestedT(ReplayRound)), default_factory=list)
 
-    def apply(self, theta: np.ndarray) -> np.ndarray:
-        """θ after every round (a new array)."""
+    def needs(self) -> list[str]:
+        """Guide ids the receiver must hold: rounds that move in c-space or by updates without their guidance."""
+        return [r.guide_id for r in self.rounds if r.guidance is None and r.guide_id and r.delta is None]
+
+    def apply(self, theta: np.ndarray, guides: Mapping[str, Guide] | None = None) -> np.ndarray:
+        """θ after every round (a new array). ``guides``: decoded guidance the receiver holds, by guide id.
+        Raises ValueError when a round needs guidance that is neither sent nor held."""
         theta = np.array(theta, np.float32, copy=True)
+        held = guides or {}
         for r in self.rounds:
-            theta = r.apply(theta)
+            guide = None
+            if r.guidance is None and r.guide_id and r.delta is None:
+                guide = held.get(r.guide_id)
+                if guide is None:
+                    raise ValueError(f"round {r.round_id} moves θ in guidance {r.guide_id!r}, which is not held")
+            theta = r.apply(theta, guide)
         return theta
 
 

@@ -66,7 +66,8 @@ def random_guidance(rng: np.random.Generator, d: int, k: int = 2) -> Guidance:
 
 
 def sample_messages(rng: np.random.Generator) -> list[Message]:
-    """One random valid instance of every message type (RoundStart twice: dense θ and replayed θ)."""
+    """One random valid instance of every message type (RoundStart four times: dense θ, guidance by id,
+    replayed records, and a c-space move followed by a compressed delta)."""
     spec = tiny_spec()
     d = spec.d
     guidance = random_guidance(rng, d)
@@ -77,6 +78,10 @@ def sample_messages(rng: np.random.Generator) -> list[Message]:
     rr = ReplayRound(round_id=3, schedule=Schedule(), guidance=guidance,
                      updates=[ReplayUpdate(weight=0.5, first_step=2, steps=random_steps(rng, 2, 3, d, lam=0.0)),
                               ReplayUpdate(weight=0.5, steps=random_steps(rng, 1, 2, d, split=d // 2, lam=0.25))])
+    moves = ThetaReplay(rounds=[  # the round-v2 forms: a c-space move in a held subspace, then a compressed delta
+        ReplayRound(round_id=3, guide_id=guidance.guide_id, c=rng.standard_normal(2).tolist()),
+        ReplayRound(round_id=4, delta=encode_array(rng.standard_normal(d).astype(np.float32),
+                                                   AdaptiveConfig(target=0.05)))])
     loss = LossStats(mean=1.5, min=1.0, max=2.0, last=1.2)
     return [
         Hello(client_id=f"pi-{rng.integers(100)}", software="edgezo 0.1"),
@@ -93,6 +98,8 @@ def sample_messages(rng: np.random.Generator) -> list[Message]:
         RoundStart(round_id=6, spec=spec, theta=dense, guidance=None, guidance_id=guidance.guide_id,
                    lam=float(rng.uniform(0, 1)), hyper=hyper, deadline=1.7e9 + 60),
         RoundStart(round_id=4, base_round=3, spec=spec, theta=ThetaReplay(rounds=[rr]), guidance=None,
+                   lam=0.0, hyper=hyper, deadline=1.7e9),
+        RoundStart(round_id=5, base_round=3, spec=spec, theta=moves, theta_digest="cd" * 8, guidance=guidance,
                    lam=0.0, hyper=hyper, deadline=1.7e9),
         Update(round_id=5, client_id="pi-1", steps=random_steps(rng, int(rng.integers(0, 5)), 4, d),
                first_step=10, n_examples=64, loss=loss, guide_id=guidance.guide_id, duration_s=3.5),

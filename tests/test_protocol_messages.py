@@ -116,9 +116,17 @@ def round_starts(draw):
     if draw(st.booleans()):
         theta = C.encode(rng.standard_normal(spec.d).astype(np.float32), draw(codec_cfgs))
     else:
-        rr = M.ReplayRound(round_id=draw(u63), schedule=draw(schedules), guidance=guidance,
-                           updates=[M.ReplayUpdate(weight=draw(unit), first_step=draw(st.integers(0, 100)),
-                                                   steps=draw(step_lists(spec.d)))])
+        form = draw(st.sampled_from(["updates", "c", "delta"]))
+        if form == "updates":
+            rr = M.ReplayRound(round_id=draw(u63), schedule=draw(schedules), guidance=guidance,
+                               updates=[M.ReplayUpdate(weight=draw(unit), first_step=draw(st.integers(0, 100)),
+                                                       steps=draw(step_lists(spec.d)))])
+        elif form == "c":  # a subspace round's c-space move, in guidance the receiver holds
+            rr = M.ReplayRound(round_id=draw(u63), guide_id=draw(st.text(max_size=16)),
+                               c=rng.standard_normal(int(rng.integers(1, 17))).tolist())
+        else:  # a compressed θ delta
+            rr = M.ReplayRound(round_id=draw(u63),
+                               delta=C.encode(rng.standard_normal(spec.d).astype(np.float32), draw(codec_cfgs)))
         theta = M.ThetaReplay(rounds=[rr] * draw(st.integers(0, 2)))
     lam = draw(st.one_of(st.just(0.0), unit, st.just("online"))) if guidance is not None else 0.0
     return M.RoundStart(round_id=draw(u63), base_round=draw(st.integers(-1, 10)), spec=spec, theta=theta,

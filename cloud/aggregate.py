@@ -29,6 +29,9 @@ class RoundPlan:
     first_step: int = 0  # global step index of this round's first local step (schedule position)
     # θ_{t+1} = θ + edge_weight·Σ w_i Δ_i (cloud.engine.merge); 1 is plain federated averaging of the edges.
     edge_weight: float = 1.0
+    # What a compressed θ left out of the round's start (θ'_t − θ, [wire] theta = "adaptive"; None: θ is θ'_t
+    # exactly). The merge adds it back (error feedback): the guide's θ_{t+1} keeps it, the next delta carries it.
+    carry: np.ndarray | None = None
 
 
 @dataclass
@@ -101,26 +104,46 @@ def weights(uploads: Sequence[Upload]) -> np.ndarray:
     return n / n.sum() if n.size else n
 
 
+def subspace_move(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray | None:
+    """A subspace round's merged move in c-space, edge_weight·Σ w_i c_i (k float64), or None when the round's
+    guide is not a subspace. θ_{t+1} = subspace_theta(θ_t, U, move) (+ the plan's carry): the k numbers that
+    let an edge holding θ_t and U rebuild θ_{t+1} bit for bit (protocol.payloads.ReplayRound, form "c")."""
+    if plan.guide is None or not plan.guide.subspace:
+        return None
+    # Every Δ_i lies in span(U): merge in c-space, k numbers per client, and build θ once, column by column in
+    # float64 as the edge builds its own θ (one client with weight 1 reaches exactly the θ it trained to).
+    # 10,000 clients cost 10,000 k-dim replays, not 10,000 d-dim ones (bench/merge_scale.py).
+    c = np.zeros(plan.guide.k, np.float64)
+    ups = sorted(uploads, key=lambda u: u.client)
+    for w, up in zip(weights(ups), ups, strict=False):
+        c += w * client_c(plan, up)
+    return plan.edge_weight * c
+
+
 def aggregate(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
-    """θ_{t+1} = θ_t + edge_weight·Σ w_i Δ_i over the accepted uploads (θ_t itself when there are none).
+    """θ_{t+1} = θ_t + edge_weight·Σ w_i Δ_i over the accepted uploads (θ_t itself when there are none), plus the
+    plan's carry when its θ was compressed.
 
     Uploads are combined in client-name order so the result does not depend on arrival order.
     """
+    return aggregate_move(plan, uploads)[0]
+
+
+def aggregate_move(plan: RoundPlan, uploads: Sequence[Upload]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(θ_{t+1} as :func:`aggregate` makes it, the round's c-space move :func:`subspace_move` or None), computed
+    once: the guide keeps the move so that edges can rebuild θ_{t+1} from k numbers."""
     theta = np.array(plan.theta, np.float32, copy=True)
     ups = sorted(uploads, key=lambda u: u.client)
+    move = subspace_move(plan, ups)
     if not ups:
-        return theta
-    if plan.guide is not None and plan.guide.subspace:
-        # Every Δ_i lies in span(U): merge in c-space, k numbers per client, and build θ once. θ_{t+1} =
-        # θ_t + U·(edge_weight·Σ w_i c_i), column by column in float64 as the edge builds its own θ (one client
-        # with weight 1 reaches exactly the θ it trained to). 10,000 clients cost 10,000 k-dim replays, not
-        # 10,000 d-dim ones (bench/merge_scale.py).
-        c = np.zeros(plan.guide.k, np.float64)
+        moved = theta
+    elif move is not None:
+        moved = subspace_theta(theta, plan.guide.basis, move)
+    else:
+        acc = np.zeros(theta.shape, np.float64)
         for w, up in zip(weights(ups), ups, strict=False):
-            c += w * client_c(plan, up)
-        return subspace_theta(theta, plan.guide.basis, plan.edge_weight * c)
-    acc = np.zeros(theta.shape, np.float64)
-    for w, up in zip(weights(ups), ups, strict=False):
-        acc += w * client_delta(plan, up)
-    return (theta.astype(np.float64) + plan.edge_weight * acc).astype(np.float32)
-
+            acc += w * client_delta(plan, up)
+        moved = (theta.astype(np.float64) + plan.edge_weight * acc).astype(np.float32)
+    if plan.carry is not None:
+        moved = (moved.astype(np.float64) + plan.carry.astype(np.float64)).astype(np.float32)
+    return moved, move

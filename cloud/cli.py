@@ -233,11 +233,16 @@ def cmd_status(args: argparse.Namespace) -> int:
           f"uploaded={st['uploaded']}  waiting={st['waiting']}  d={st['d']}")
     print(f"bytes last round: down {st.get('last_down_bytes', 0)} ({st.get('last_down_bytes_per_client', 0)}/client)"
           f"  up {st.get('last_up_bytes', 0)} ({st.get('last_up_bytes_per_upload', 0)}/upload)")
-    print(f"{'round':>5} {'status':>7} {'uploads':>7} {'selected':>8} {'public_loss':>11} {'client_loss':>11}")
+    print(f"theta last round: {st.get('last_theta_replay', 0)} as replay records, {st.get('last_theta_dense', 0)} dense")
+    print(f"{'round':>5} {'status':>7} {'uploads':>7} {'selected':>8} {'public_loss':>11} {'client_loss':>11} "
+          f"{'down_bytes':>11} {'up_bytes':>9}")
     for r in st.get("rounds", []):
         pl = "-" if r["public_loss"] is None else f"{r['public_loss']:.4f}"
         cl = "-" if r["client_loss"] is None else f"{r['client_loss']:.4f}"
-        print(f"{r['round']:>5} {r['status']:>7} {r['uploads']:>7} {r['selected']:>8} {pl:>11} {cl:>11}")
+        down = "-" if r.get("down_bytes") is None else str(r["down_bytes"])
+        up = "-" if r.get("up_bytes") is None else str(r["up_bytes"])
+        print(f"{r['round']:>5} {r['status']:>7} {r['uploads']:>7} {r['selected']:>8} {pl:>11} {cl:>11} {down:>11} "
+              f"{up:>9}")
     cl = st.get("clients", [])
     print(f"clients ({len(cl)}): " + ", ".join(f"{c['client']}({c['uploads']})" for c in cl[:20]))
     return 0

@@ -273,32 +273,47 @@ class DataConfig:
 
 
 WIRE_GUIDANCE = ("q8", "q4", "fp16", "fp32", "adaptive")
+WIRE_THETA = ("fp32", "adaptive")
+DEFAULT_TARGET = 0.02  # adaptive mode A: relative L2 error per chunk when neither target nor budget is given
 
 
 @dataclass(frozen=True)
 class WireConfig:
-    """How guidance (Q / U and g_B) travels to the edges. ``guidance``: a fixed codec, or "adaptive" with mode A
-    (``target``: relative L2 error per chunk) or mode B (``budget``: bytes for U, spent where they lower the error
-    most). The edges and the cloud's replay both use the decoded bits. θ goes dense fp32 (``theta = "fp32"``, the
-    only form the merge rule of round v2 can send exactly; anything else is refused)."""
+    """How θ and guidance travel to the edges (cloud.theta_wire, cloud.engine.compress_guidance).
+
+    ``guidance`` (Q / U and g_B): a fixed codec, or "adaptive" with mode A (``target``: relative L2 error per chunk)
+    or mode B (``budget``: bytes for U, spent where they lower the error most). The edges and the cloud's replay
+    both use the decoded bits.
+
+    ``theta``: "fp32" sends θ exactly: as the round's replay records (a subspace round's c-space move, k numbers)
+    to an edge that holds the previous θ and its subspace, else dense float32. "adaptive" does the same and, when
+    no exact record exists (the cloud stepped, a missed subspace), makes the round's θ the previous one plus an
+    adaptively compressed delta (mode A at ``target``, or mode B at ``theta_budget`` bytes) and sends that delta;
+    what compression left out is added back after the merge (error feedback).
+    """
 
     guidance: str = "q8"
-    target: float = 0.0  # adaptive mode A; 0 with budget 0: mode A at 0.02
-    budget: int = 0  # adaptive mode B, bytes of the basis
+    target: float = 0.0  # adaptive mode A (guidance and θ); 0 with no budget: mode A at DEFAULT_TARGET
+    budget: int = 0  # guidance = "adaptive", mode B: bytes of the basis
     theta: str = "fp32"
+    theta_budget: int = 0  # theta = "adaptive", mode B: bytes of a θ delta
 
     def __post_init__(self) -> None:
         if self.guidance not in WIRE_GUIDANCE:
             raise ValueError(f"[wire] guidance must be one of {list(WIRE_GUIDANCE)}, got {self.guidance!r}")
-        if self.theta != "fp32":
-            raise ValueError(f"[wire] theta = {self.theta!r} is not supported: θ goes dense fp32 (replay-form and "
-                             "lossy θ are not implemented for round v2's merge)")
-        if self.target < 0 or self.budget < 0:
-            raise ValueError("[wire] target and budget must be >= 0")
+        if self.theta not in WIRE_THETA:
+            raise ValueError(f"[wire] theta must be one of {list(WIRE_THETA)}, got {self.theta!r} (fp32: exact, as "
+                             "replay records or dense; adaptive: a compressed delta with target or theta_budget)")
+        if self.target < 0 or self.budget < 0 or self.theta_budget < 0:
+            raise ValueError("[wire] target, budget and theta_budget must be >= 0")
         if self.target and self.budget:
             raise ValueError("[wire] give target (mode A) or budget (mode B), not both")
-        if (self.target or self.budget) and self.guidance != "adaptive":
+        if self.budget and self.guidance != "adaptive":
             raise ValueError(f"[wire] target/budget apply to guidance = 'adaptive', not {self.guidance!r}")
+        if self.target and self.guidance != "adaptive" and self.theta != "adaptive":
+            raise ValueError(f"[wire] target/budget apply to guidance = 'adaptive', not {self.guidance!r}")
+        if self.theta_budget and self.theta != "adaptive":
+            raise ValueError(f"[wire] theta_budget applies to theta = 'adaptive', not {self.theta!r}")
 
     def codec(self):
         """(basis codec, gradient codec) for protocol.messages.Guidance.from_guide."""
@@ -306,8 +321,19 @@ class WireConfig:
             return self.guidance, self.guidance
         from protocol.codecs import AdaptiveConfig
 
-        basis = AdaptiveConfig(budget=self.budget) if self.budget else AdaptiveConfig(target=self.target or 0.02)
-        return basis, AdaptiveConfig(target=self.target or 0.02)
+        target = self.target or DEFAULT_TARGET
+        basis = AdaptiveConfig(budget=self.budget) if self.budget else AdaptiveConfig(target=target)
+        return basis, AdaptiveConfig(target=target)
+
+    def theta_codec(self):
+        """The codec of a θ delta (an AdaptiveConfig), or None when θ goes exact only (``theta = "fp32"``)."""
+        if self.theta != "adaptive":
+            return None
+        from protocol.codecs import AdaptiveConfig
+
+        if self.theta_budget:
+            return AdaptiveConfig(budget=self.theta_budget)
+        return AdaptiveConfig(target=self.target or DEFAULT_TARGET)
 
 
 @dataclass(frozen=True)

@@ -14,9 +14,12 @@ Conversation (:mod:`protocol` messages and framing; HMAC handshake of :mod:`prot
     C: StatusRequest          S: Status  (also before Hello when public_status; rounds/clients as JSON in extra)
     C: Bye
 
-Downlink: θ_t as an fp32 EncodedArray (exact: the edge must start from the cloud's θ_t bit for bit), guidance
-Q / g_B q8-compressed via :meth:`protocol.Guidance.from_guide`; the round plan keeps the *decoded* guide, so
-replay uses exactly what the edges used. Bytes per round each way are logged (``round_closed``) and in Status.
+Downlink: θ_t exactly (the edge must start from the round's θ bit for bit, checked by digest): as the moves since
+the θ the edge holds (a subspace round's c-space move: k numbers; with ``[wire] theta = "adaptive"`` a compressed
+delta that *is* the round's θ), else dense fp32 (:mod:`cloud.theta_wire`). Guidance Q / U / g_B compressed once
+([wire] guidance) via :meth:`protocol.Guidance.from_guide`; the round plan keeps the *decoded* guide, so replay uses
+exactly what the edges used. Bytes per round each way are logged (``round_closed``), stored with the round and
+shown by ``edgezo guide status``.
 
 Durability: an upload is COMMITTED to SQLite (WAL, synchronous=FULL) before its ack is written; the round
 plan (θ_t, guide, schedule) is on disk before any client hears of the round. Restart resumes the open round.
@@ -27,6 +30,7 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures as cf
+import dataclasses
 import enum
 import json
 import logging
@@ -41,10 +45,11 @@ import numpy as np
 from cloud.aggregate import RoundPlan, Upload
 from cloud.config import GuideConfig
 from cloud.connections import HANDSHAKE_MAX_FRAME, ConnectionsMixin, StatusNeedsToken, _Refuse  # noqa: E402, F401
-from cloud.engine import compress_guidance, merge, plan_round, round_start
+from cloud.engine import compress_guidance, merge_move, plan_round, round_start
 from cloud.guidance import Guidance
 from cloud.guide_log import JsonLog, _finite, _json_capped, _jsonable  # noqa: E402, F401
 from cloud.store import Store, upload_digest
+from cloud.theta_wire import WireStart, choose_theta, field_bytes, wire_start
 from cloud.uploads import UploadsMixin  # noqa: E402
 from protocol.auth import Authenticator
 from protocol.messages import (
@@ -52,9 +57,11 @@ from protocol.messages import (
     GuidanceNext,
     GuidanceRequest,
     Message,
+    ReplayRound,
     RoundRequest,
     Status,
     encode,
+    theta_digest,
 )
 from protocol.messages import Guidance as WireGuidance
 from protocol.spec import AdapterSpec
@@ -150,9 +157,13 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
         self._prefetch_frames: dict[tuple[int, str], bytes] = {}  # the latest encoded GuidanceNext
         self._pending: list[tuple[Upload, asyncio.Future]] = []
         self._wire_guidance: WireGuidance | None = None  # the open round's guidance as sent
-        self._round_frames: dict[bool, bytes] = {}  # the open round's RoundStart: {by_ref: frame}
+        self._round_frames: dict[tuple[bool, int], bytes] = {}  # the open round's RoundStart: {(by_ref, base): frame}
+        # round → (digest of its θ, the move that reached it from the previous round's θ): what the θ moves an edge
+        # is sent are built from (cloud.theta_wire.choose_theta); read back from the plan files after a restart
+        self._history: dict[int, tuple[str, ReplayRound | None] | None] = {}
+        self._last: tuple[RoundPlan, np.ndarray | None] | None = None  # the last closed round's plan and c-space move
         self.authn = Authenticator(config.tokens)
-        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0}  # the open round's
+        self.bytes = _new_bytes()  # the open round's
         self.last_bytes: dict[str, int] = {}  # the last closed round's byte summary
         self._t0 = time.time()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -313,19 +324,28 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
         plan = plan_round(round_id=self.round_id, theta=self.theta, guidance=g, guide=guide,
                           basis_id=wire_g.guide_id if wire_g is not None else "", train=tc,
                           total_rounds=rc.rounds or 0)
+        # The θ the edges start from: θ'_t itself when an exact move or dense θ gives it, else (theta = "adaptive")
+        # the previous round's θ plus a compressed delta; the carry goes into the plan for the merge to add back.
+        ws = await self._wire_start(plan)
+        cloud_start = plan.theta
+        plan = dataclasses.replace(plan, theta=ws.theta, carry=ws.carry)
         basis_id = plan.basis_id
         deadline = time.time() + rc.deadline_s
-        await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline))
+        await self._db(lambda: self.store.open_round(plan, selected=selected, deadline=deadline, move=ws.move))
+        self._history[plan.round_id] = (theta_digest(plan.theta), ws.move)
         self._to(Phase.OPEN)
         self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
         self._digests = {}
         self._wire_guidance = wire_g
         self._round_frames = {}
-        self.bytes = {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0}
+        self.bytes = _new_bytes()
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
                  basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss, kind=tc.kind if tc.guided else "none",
-                 cloud_step_norm=float(np.linalg.norm(plan.theta - self.theta)), **({"cloud": g.info} if g.info else {}))
+                 cloud_step_norm=float(np.linalg.norm(cloud_start - self.theta)), theta_form=ws.form,
+                 **({"theta_wire_error": float(np.linalg.norm(ws.carry)) if ws.carry is not None else 0.0}
+                    if ws.form == "delta" else {}),
+                 **({"cloud": g.info} if g.info else {}))
         for c in selected:
             fut = self.waiting.pop(c, None)
             if fut is not None and not fut.done():
@@ -340,25 +360,65 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
                 del self._wire_cache[old]
         return self._wire_cache[round_id]
 
+    async def _wire_start(self, plan: RoundPlan) -> WireStart:
+        """Round ``plan.round_id``'s θ as the edges get it (cloud.theta_wire.wire_start), from the previous round's
+        plan and c-space move (in memory, or read back from the state dir after a restart)."""
+        rid = plan.round_id
+        last = self._last
+        if last is None or last[0].round_id != rid - 1:
+            last = await self._db(self._load_last, rid - 1)
+        prev, move = last if last is not None else (None, None)
+        codec = self.cfg.wire.theta_codec()
+        # a seeded stream per round: a stochastic-rounding codec stays reproducible (the default one is not)
+        rng = np.random.default_rng([self.cfg.rounds.sample_seed, rid, 7])
+        return await asyncio.get_running_loop().run_in_executor(None, lambda: wire_start(
+            plan.theta, prev_round=rid - 1, prev_theta=None if prev is None else prev.theta,
+            prev_guide=None if prev is None else prev.guide, prev_guide_id="" if prev is None else prev.basis_id,
+            prev_move=move, codec=codec, rng=rng))
+
+    def _load_last(self, rid: int) -> tuple[RoundPlan, np.ndarray | None] | None:
+        """Round ``rid``'s plan and its merge's c-space move from the state dir (None: no such round)."""
+        if rid < 0 or self.store.load_wire(rid) is None:
+            return None
+        return self.store.load_plan(rid), self.store.load_move(rid + 1)
+
+    def _history_of(self, rid: int) -> tuple[str, ReplayRound | None] | None:
+        """(θ digest, move) of round ``rid`` (cached; read from its plan file once)."""
+        if rid not in self._history:
+            self._history[rid] = self.store.load_wire(rid)
+            for old in [r for r in self._history if r < self.round_id - 64]:
+                del self._history[old]
+        return self._history[rid]
+
     def _round_wire_guidance(self) -> WireGuidance | None:
         p = self.plan
         if self._wire_guidance is None and p.guide is not None:  # resumed round: the decoded guide exactly (fp32)
             self._wire_guidance = WireGuidance.from_guide(p.guide, "fp32", "fp32")
         return self._wire_guidance
 
-    def _round_msg(self, by_ref: bool = False) -> bytes:
+    def _round_msg(self, by_ref: bool = False, req: RoundRequest | None = None) -> bytes:
         """The round's RoundStart as an encoded frame, built once per round and variant (θ and Q are big).
-        ``by_ref``: the guidance named by id only, for clients that hold it (prefetched)."""
-        if by_ref not in self._round_frames:
-            p = self.plan
+        ``by_ref``: the guidance named by id only, for clients that hold it (prefetched). ``req``: what the client
+        holds (θ of its last round, guidance ids): θ goes as the moves since then when it can rebuild θ exactly
+        from them and they are smaller, else dense."""
+        p = self.plan
+        base, moves = -1, None
+        if req is not None:
+            base, moves = choose_theta(round_id=p.round_id, theta=p.theta, base_round=req.last_round,
+                                       base_digest=req.theta_digest, held=set(req.guide_ids), history=self._history_of)
+        key = (by_ref, base)
+        if key not in self._round_frames:
             wire_g = self._round_wire_guidance()
             msg = round_start(p, spec=self.spec, train=self.cfg.train, guidance=wire_g, deadline=self.deadline,
-                              by_ref=by_ref)
-            self._round_frames[by_ref] = encode(msg)
+                              by_ref=by_ref, theta=moves, base_round=base)
+            self._round_frames[key] = encode(msg)
             g_bytes = 0 if wire_g is None or by_ref else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)
-            self.log("round_frame", round=p.round_id, bytes=len(self._round_frames[by_ref]), by_ref=by_ref,
-                     guidance_bytes=g_bytes, theta_bytes=4 * p.theta.size)
-        return self._round_frames[by_ref]
+            t_bytes = field_bytes(msg.theta)
+            self.log("round_frame", round=p.round_id, bytes=len(self._round_frames[key]), by_ref=by_ref,
+                     guidance_bytes=g_bytes, theta_form="dense" if moves is None else "replay", base_round=base,
+                     theta_bytes=t_bytes)
+        self.bytes["theta_dense" if base < 0 else "theta_replay"] += 1
+        return self._round_frames[key]
 
     async def _await_round_end(self) -> None:
         if len(self.uploaded) < len(self.selected):
@@ -380,7 +440,7 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
         uploads = await self._db(self.store.uploads, plan.round_id)
         loop = asyncio.get_running_loop()
         t_merge = time.perf_counter()
-        theta_next = await loop.run_in_executor(None, merge, plan, uploads)
+        theta_next, move = await loop.run_in_executor(None, merge_move, plan, uploads)
         merge_s = time.perf_counter() - t_merge
         pub = None
         if nxt is not None:
@@ -388,8 +448,11 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
             pub = g_next.public_loss if math.isfinite(g_next.public_loss) else None
         losses = [u.loss_after for u in uploads if math.isfinite(u.loss_after)]
         client_loss = float(np.mean(losses)) if losses else None
+        b = self._bytes_summary()
         await self._db(lambda: self.store.close_round(plan.round_id, theta_next, n_uploads=len(uploads),
-                                                      public_loss=pub, client_loss=client_loss))
+                                                      public_loss=pub, client_loss=client_loss, move=move,
+                                                      down_bytes=b["down_bytes"], up_bytes=b["up_bytes"]))
+        self._last = (plan, move)
         self.log("round_closed", round=plan.round_id, uploads=len(uploads), selected=len(self.selected),
                  public_loss=pub, client_loss=client_loss,
                  delta_norm=float(np.linalg.norm(theta_next - plan.theta)), merge_s=round(merge_s, 3),
@@ -435,7 +498,7 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
         if self.finished:
             return Bye(reason="done")
         if self.plan is not None and not self.closing and client in self.selected and client not in self.uploaded:
-            return self._send_round(held)
+            return self._send_round(held, msg)
         old = self.waiting.pop(client, None)
         if old is not None and not old.done():
             old.set_result("wait")
@@ -450,12 +513,12 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
             if self.waiting.get(client) is fut:
                 del self.waiting[client]
         if res == "round":
-            return self._send_round(held)
+            return self._send_round(held, msg)
         return Bye(reason="done") if res == "done" else self._wait_msg()
 
-    def _send_round(self, held: set[str] = frozenset()) -> bytes:
+    def _send_round(self, held: set[str] = frozenset(), req: RoundRequest | None = None) -> bytes:
         wire_g = self._round_wire_guidance() if self.plan is not None else None
-        frame = self._round_msg(by_ref=wire_g is not None and wire_g.guide_id in held)
+        frame = self._round_msg(by_ref=wire_g is not None and wire_g.guide_id in held, req=req)
         self.bytes["down"] += len(frame)
         self.bytes["round_starts"] += 1
         return frame
@@ -490,6 +553,11 @@ class GuideServer(UploadsMixin, ConnectionsMixin):
                       updates_accepted=self.stats["uploads"], uptime_s=time.time() - self._t0,
                       deadline=self.deadline if self.plan is not None else None, d=self.spec.d,
                       guide_id=self.plan.basis_id if self.plan is not None else "", extra=extra)
+
+def _new_bytes() -> dict[str, int]:
+    """A round's byte counters: down (RoundStarts + prefetches) and up (Updates), with message counts."""
+    return {"down": 0, "up": 0, "round_starts": 0, "updates": 0, "prefetches": 0, "theta_replay": 0, "theta_dense": 0}
+
 
 async def serve(server: GuideServer) -> None:
     """Run until SIGTERM/SIGINT or until all rounds are done and stop() is called."""

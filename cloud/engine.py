@@ -24,13 +24,13 @@ from typing import Any
 
 import numpy as np
 
-from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validate_upload
+from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, aggregate_move, validate_upload
 from cloud.config import TrainConfig
 from cloud.guidance import Guidance
 from protocol import codecs
 from protocol.errors import SchemaError
 from protocol.messages import Guidance as WireGuidance
-from protocol.messages import Hyper, RoundStart, Update, theta_digest
+from protocol.messages import Hyper, RoundStart, ThetaReplay, Update, theta_digest
 from protocol.spec import AdapterSpec
 from protocol.zo import Guide, Schedule
 
@@ -71,12 +71,15 @@ def plan_round(*, round_id: int, theta: np.ndarray, guidance: Guidance | None, g
 
 
 def round_start(plan: RoundPlan, *, spec: AdapterSpec, train: TrainConfig, guidance: WireGuidance | None,
-                deadline: float, by_ref: bool = False) -> RoundStart:
-    """The RoundStart every transport sends for ``plan``: θ'_t dense fp32 (the edge must start from it bit for bit,
-    checked by its digest), the guidance as compressed once (``guidance``; ``by_ref``: named by id only, for a
-    client that prefetched it), λ, the schedule and the [train] settings the edge runs."""
+                deadline: float, by_ref: bool = False, theta: ThetaReplay | None = None,
+                base_round: int = -1) -> RoundStart:
+    """The RoundStart every transport sends for ``plan``: the plan's θ (the edge must start from it bit for bit,
+    checked by its digest) dense fp32, or as ``theta``, the moves from the θ of ``base_round`` the edge holds
+    (cloud.theta_wire.choose_theta); the guidance as compressed once (``guidance``; ``by_ref``: named by id only,
+    for a client that prefetched it), λ, the schedule and the [train] settings the edge runs."""
     return RoundStart(
-        round_id=plan.round_id, spec=spec, theta=codecs.encode(plan.theta, "fp32"),
+        round_id=plan.round_id, spec=spec, base_round=base_round if theta is not None else -1,
+        theta=codecs.encode(plan.theta, "fp32") if theta is None else theta,
         theta_digest=theta_digest(plan.theta), guidance=None if by_ref else guidance,
         guidance_id=guidance.guide_id if guidance is not None else "", lam=plan.lam if plan.lam >= 0 else "online",
         hyper=Hyper(schedule=plan.schedule, q=train.q, local_steps=plan.local_steps, batch_size=train.batch,
@@ -110,6 +113,12 @@ def accept_update(plan: RoundPlan, client: str, msg: Update, *, d: int, example_
 def merge(plan: RoundPlan, uploads: Sequence[Upload]) -> np.ndarray:
     """θ_{t+1} = θ'_t + edge_weight·Σ w_i Δ_i over the accepted uploads (see the module docstring)."""
     return aggregate(plan, uploads)
+
+
+def merge_move(plan: RoundPlan, uploads: Sequence[Upload]) -> tuple[np.ndarray, np.ndarray | None]:
+    """(:func:`merge`'s θ_{t+1}, the subspace round's c-space move or None), from one c-space merge: the move lets
+    an edge holding θ'_t and U rebuild θ_{t+1} from k numbers (cloud.theta_wire)."""
+    return aggregate_move(plan, uploads)
 
 
 def simulate_round(plan: RoundPlan, trainers: Mapping[str, Any], *, q: int, batch: int,

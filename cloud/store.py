@@ -2,7 +2,9 @@
 
 * An upload is committed (INSERT + COMMIT, fsynced by SQLite) before the daemon acknowledges it.
 * Round plans and θ checkpoints are ``.npz`` files written tmp → fsync → ``os.replace`` → fsync(dir),
-  so a reader sees the old or the new file, never a torn one.
+  so a reader sees the old or the new file, never a torn one. A plan keeps how its θ follows from the previous
+  round's (a c-space move or a compressed delta, cloud.theta_wire) and, after a lossy delta, the carry its merge
+  adds back; a θ checkpoint keeps the c-space move of the merge that made it.
 * On restart the open round, its plan and every committed upload are read back: nothing acknowledged is lost.
 
 Torch-free: the daemon runs (and the load bench runs) without the cloud extra.
@@ -21,7 +23,9 @@ import numpy as np
 
 from cloud.aggregate import RoundPlan, Upload
 from protocol.arrays import packb, unpackb
-from protocol.messages import step_records_from_wire, step_records_to_wire
+from protocol.constants import DEFAULT_LIMITS
+from protocol.messages import ReplayRound, step_records_from_wire, step_records_to_wire, theta_digest
+from protocol.schema import _Ctx, _dump_fields, _load_fields
 from protocol.zo import Guide, Schedule
 
 SCHEMA = """
@@ -35,7 +39,9 @@ CREATE TABLE IF NOT EXISTS rounds (
     closed_at REAL,
     n_uploads INTEGER DEFAULT 0,
     public_loss REAL,
-    client_loss REAL
+    client_loss REAL,
+    down_bytes INTEGER,                -- bytes sent to clients this round (RoundStarts + prefetches)
+    up_bytes INTEGER                   -- bytes of the uploads received
 );
 CREATE TABLE IF NOT EXISTS uploads (
     round_id INTEGER NOT NULL,
@@ -88,6 +94,10 @@ class Store:
         self.db.execute("PRAGMA journal_mode=WAL")
         self.db.execute("PRAGMA synchronous=FULL")
         self.db.executescript(SCHEMA)
+        cols = {r[1] for r in self.db.execute("PRAGMA table_info(rounds)").fetchall()}
+        for col in ("down_bytes", "up_bytes"):  # a state dir from before bytes were kept per round
+            if col not in cols:
+                self.db.execute(f"ALTER TABLE rounds ADD COLUMN {col} INTEGER")
 
     def close(self) -> None:
         self.db.close()
@@ -101,9 +111,13 @@ class Store:
         self.db.execute("INSERT OR REPLACE INTO meta VALUES (?, ?)", (key, value))
 
     # ---- θ checkpoints -------------------------------------------------------------------------
-    def save_theta(self, round_id: int, theta: np.ndarray) -> None:
-        """θ at the start of ``round_id`` (θ_t), atomically."""
-        atomic_write(self.root / f"theta-{round_id}.npz", _npz_bytes(theta=np.asarray(theta, np.float32)))
+    def save_theta(self, round_id: int, theta: np.ndarray, move: np.ndarray | None = None) -> None:
+        """θ at the start of ``round_id`` (θ_t), atomically; ``move``: the c-space move of the merge that made it
+        (cloud.aggregate.subspace_move), which lets edges rebuild θ_t from θ_{t-1} (cloud.theta_wire)."""
+        arrays = {"theta": np.asarray(theta, np.float32)}
+        if move is not None:
+            arrays["move"] = np.asarray(move, np.float64)
+        atomic_write(self.root / f"theta-{round_id}.npz", _npz_bytes(**arrays))
 
     def load_theta(self, round_id: int) -> np.ndarray | None:
         p = self.root / f"theta-{round_id}.npz"
@@ -112,19 +126,34 @@ class Store:
         with np.load(p) as z:
             return np.array(z["theta"], np.float32)
 
+    def load_move(self, round_id: int) -> np.ndarray | None:
+        """The c-space move of round ``round_id - 1``'s merge (None: not a subspace round, or not kept)."""
+        p = self.root / f"theta-{round_id}.npz"
+        if not p.exists():
+            return None
+        with np.load(p) as z:
+            return np.array(z["move"], np.float64) if "move" in z else None
+
     # ---- rounds --------------------------------------------------------------------------------
-    def open_round(self, plan: RoundPlan, *, selected: list[str], deadline: float) -> None:
-        """Persist the plan file, then the round row (a round row always has its plan on disk)."""
+    def open_round(self, plan: RoundPlan, *, selected: list[str], deadline: float,
+                   move: ReplayRound | None = None) -> None:
+        """Persist the plan file, then the round row (a round row always has its plan on disk). ``move``: how the
+        plan's θ follows from the previous round's (cloud.theta_wire: a c-space move or a compressed delta)."""
         g = plan.guide
         arrays = {"theta": plan.theta}
         if g is not None:
             arrays["basis"] = g.basis
             if g.grad is not None:
                 arrays["grad"] = g.grad
+        if plan.carry is not None:
+            arrays["carry"] = np.asarray(plan.carry, np.float32)
+        if move is not None:
+            arrays["move"] = np.frombuffer(packb(_dump_fields(move)), np.uint8)
         meta = {
             "alpha": None if g is None else g.alpha, "kind": None if g is None else g.kind,
             "edge_weight": plan.edge_weight, "lam": plan.lam, "local_steps": plan.local_steps,
             "first_step": plan.first_step, "schedule": plan.schedule.__dict__, "basis_id": plan.basis_id,
+            "theta_digest": theta_digest(plan.theta),
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
         atomic_write(self.root / f"plan-{plan.round_id}.npz", _npz_bytes(**arrays))
@@ -144,7 +173,23 @@ class Store:
             return RoundPlan(round_id=round_id, basis_id=meta["basis_id"], theta=np.array(z["theta"], np.float32),
                              guide=guide, schedule=Schedule(**meta["schedule"]), lam=float(meta["lam"]),
                              local_steps=int(meta["local_steps"]), first_step=int(meta["first_step"]),
-                             edge_weight=float(meta.get("edge_weight", 1.0)))
+                             edge_weight=float(meta.get("edge_weight", 1.0)),
+                             carry=np.array(z["carry"], np.float32) if "carry" in z else None)
+
+    def load_wire(self, round_id: int) -> tuple[str, ReplayRound | None] | None:
+        """(digest of round ``round_id``'s θ, the move that reached it from the previous round's or None), or None
+        when the round has no plan on disk. Reads the plan file's small members only."""
+        p = self.root / f"plan-{round_id}.npz"
+        if not p.exists():
+            return None
+        with np.load(p) as z:
+            meta = json.loads(bytes(z["meta"]).decode())
+            digest = meta.get("theta_digest") or theta_digest(np.array(z["theta"], np.float32))
+            move = None
+            if "move" in z:
+                body = bytes(np.asarray(z["move"], np.uint8))
+                move = _load_fields(ReplayRound, unpackb(body), _Ctx(DEFAULT_LIMITS, len(body)), "move")
+            return digest, move
 
     def open_round_row(self) -> dict | None:
         row = self.db.execute(
@@ -159,20 +204,23 @@ class Store:
         return -1 if row[0] is None else int(row[0])
 
     def close_round(self, round_id: int, theta_next: np.ndarray, *, n_uploads: int, public_loss: float | None,
-                    client_loss: float | None) -> None:
-        """θ_{t+1} checkpoint first, then the row: a closed round always has its successor's θ on disk."""
-        self.save_theta(round_id + 1, theta_next)
+                    client_loss: float | None, move: np.ndarray | None = None, down_bytes: int | None = None,
+                    up_bytes: int | None = None) -> None:
+        """θ_{t+1} checkpoint first (with the merge's c-space ``move``), then the row with the round's bytes each
+        way: a closed round always has its successor's θ on disk."""
+        self.save_theta(round_id + 1, theta_next, move)
         self.db.execute(
-            "UPDATE rounds SET status='closed', closed_at=?, n_uploads=?, public_loss=?, client_loss=? "
-            "WHERE round_id=?",
-            (time.time(), n_uploads, public_loss, client_loss, round_id),
+            "UPDATE rounds SET status='closed', closed_at=?, n_uploads=?, public_loss=?, client_loss=?, "
+            "down_bytes=?, up_bytes=? WHERE round_id=?",
+            (time.time(), n_uploads, public_loss, client_loss, down_bytes, up_bytes, round_id),
         )
 
     def rounds(self, limit: int = 20) -> list[dict]:
         cur = self.db.execute(
-            "SELECT round_id, status, n_uploads, public_loss, client_loss, opened_at, closed_at, selected "
-            "FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,))
-        keys = ["round", "status", "uploads", "public_loss", "client_loss", "opened_at", "closed_at", "selected"]
+            "SELECT round_id, status, n_uploads, public_loss, client_loss, opened_at, closed_at, selected, "
+            "down_bytes, up_bytes FROM rounds ORDER BY round_id DESC LIMIT ?", (limit,))
+        keys = ["round", "status", "uploads", "public_loss", "client_loss", "opened_at", "closed_at", "selected",
+                "down_bytes", "up_bytes"]
         out = []
         for r in cur.fetchall():
             d = dict(zip(keys, r, strict=False))

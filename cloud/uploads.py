@@ -53,10 +53,12 @@ class UploadsMixin:
 
 
     def _bytes_summary(self) -> dict[str, int]:
-        """Bytes of the current round each way: totals, per RoundStart sent and per Update received."""
+        """Bytes of the current round each way: totals, per RoundStart sent and per Update received, and how many
+        RoundStarts carried θ as replay records (moves since the client's θ) or dense."""
         b = self.bytes
         return {"down_bytes": b["down"], "down_bytes_per_client": b["down"] // max(1, b["round_starts"]),
-                "up_bytes": b["up"], "up_bytes_per_upload": b["up"] // max(1, b["updates"])}
+                "up_bytes": b["up"], "up_bytes_per_upload": b["up"] // max(1, b["updates"]),
+                "theta_replay": b["theta_replay"], "theta_dense": b["theta_dense"]}
 
     async def _on_update(self, client: str, msg: Update) -> Message:
         plan = self.plan

@@ -399,7 +399,7 @@ def test_wire_section_sets_the_guidance_codec_and_replay_stays_exact(tmp_path):
     assert a < q8 < f32
     np.testing.assert_array_equal(tc_q8, t1_q8)
     np.testing.assert_array_equal(tc_a, t1_a)
-    with pytest.raises(ValueError, match="not supported"):
+    with pytest.raises(ValueError, match=r"\[wire\] theta must be one of \['fp32', 'adaptive'\], got 'q8'"):
         WireConfig(theta="q8")
     with pytest.raises(ValueError, match="apply to guidance = 'adaptive'"):
         WireConfig(target=0.1)

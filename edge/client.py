@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from edge.held_theta import HeldTheta
 from edge.round_trainer import (
     GUIDES_HELD,
     EdgeTrainerAdapter,
@@ -41,6 +42,7 @@ from edge.round_trainer import (
     train_round_start,
 )
 from protocol.auth import client_handshake
+from protocol.codecs import EncodedArray
 from protocol.constants import DEFAULT_MAX_FRAME, MAX_GUIDE_IDS
 from protocol.errors import AuthError, ProtocolError
 from protocol.framing import parse_addr, read_frame, write_frame
@@ -48,6 +50,7 @@ from protocol.messages import (
     Ack,
     Bye,
     Error,
+    Guidance,
     GuidanceNext,
     GuidanceRequest,
     Message,
@@ -57,7 +60,6 @@ from protocol.messages import (
     Update,
     decode,
     encode,
-    theta_digest,
 )
 from protocol.zo import Guide
 
@@ -156,6 +158,11 @@ class EdgeClient:
         self.summary = ClientSummary()
         self.done = False
         self.theta: np.ndarray | None = None  # θ of the last round trained (after local steps)
+        # The θ the last round started from and its guidance, on disk: the guide may then send the next θ as the
+        # moves since it (k numbers a subspace round) instead of dense (edge.held_theta, cloud.theta_wire).
+        self.held = HeldTheta(self.state_dir)
+        self.guides.update(self.held.load())
+        self._wire: dict[str, Guidance] = {}  # guide_id → guidance as received (what self.held keeps on disk)
         self._prefetch_task: asyncio.Task | None = None
         self._tls: Any = False  # the TLS context, made on first connect (None: --insecure)
 
@@ -247,11 +254,10 @@ class EdgeClient:
                 self.done = True
                 await write_frame(conn.w, Bye(), timeout=self.cfg.io_timeout_s)
                 return
-            digest = theta_digest(self.theta) if self.theta is not None else ""
             await self._await_prefetch()
             held = list(self.guides)[-MAX_GUIDE_IDS:]
-            msg = await conn.request(RoundRequest(last_round=self.last_round, theta_digest=digest, guide_ids=held),
-                                     idle_timeout=self.cfg.io_timeout_s + 60.0)
+            msg = await conn.request(RoundRequest(last_round=self.held.round_id, theta_digest=self.held.digest,
+                                                  guide_ids=held), idle_timeout=self.cfg.io_timeout_s + 60.0)
             if isinstance(msg, Bye):
                 self.done = True
                 return
@@ -284,6 +290,7 @@ class EdgeClient:
                     self.guides[gid] = await asyncio.get_running_loop().run_in_executor(None, g.to_guide)
                     while len(self.guides) > GUIDES_HELD:
                         self.guides.pop(next(iter(self.guides)))
+                self._wire = {k: v for k, v in self._wire.items() if k in self.guides} | {gid: g}
                 self.log("prefetched", client=self.cfg.client_id, round=rid, guide_id=gid)
         except (OSError, asyncio.TimeoutError, asyncio.IncompleteReadError, ProtocolError, AuthRefused) as e:
             self.log("prefetch_failed", client=self.cfg.client_id, round=rid, error=f"{type(e).__name__}: {e}")
@@ -303,7 +310,18 @@ class EdgeClient:
 
     async def _do_round(self, conn: _Conn, rs: RoundStart) -> None:
         rid = rs.round_id
-        theta, guide, gid = round_inputs(rs, self.guides)
+        held = None if self.held.theta is None else (self.held.round_id, self.held.theta)
+        try:
+            theta, guide, gid = round_inputs(rs, self.guides, held)
+        except ProtocolError:
+            if not isinstance(rs.theta, EncodedArray):  # moves this client cannot apply: ask again holding nothing,
+                self.held.forget()  # so the guide sends θ dense (never a retry loop on the same moves)
+            raise
+        wire = rs.guidance if rs.guidance is not None else self._wire.get(gid)
+        if wire is not None:
+            self._wire = {k: v for k, v in self._wire.items() if k in self.guides} | {gid: wire}
+        # kept before training: a device restarted mid-round still holds this round's θ and guidance
+        await asyncio.get_running_loop().run_in_executor(None, self.held.save, rid, theta, wire)
         if self.cfg.prefetch and guide is not None:
             self._prefetch_task = asyncio.ensure_future(self._prefetch(rid + 1))
         t0 = time.perf_counter()

@@ -110,14 +110,26 @@ class EdgeTrainerAdapter:
 GUIDES_HELD = 2  # decoded guides a client keeps (the current round's and a prefetched next one)
 
 
-def round_inputs(rs: RoundStart, guides: MutableMapping[str, Guide]) -> tuple[np.ndarray, Guide | None, str]:
-    """(θ_t, decoded guide, guide id) of a RoundStart. θ is checked against the guide's digest; guidance sent by id
-    only must be in ``guides`` (prefetched); guidance sent in full is decoded once and kept there by id.
+def round_inputs(rs: RoundStart, guides: MutableMapping[str, Guide],
+                 held: tuple[int, np.ndarray] | None = None) -> tuple[np.ndarray, Guide | None, str]:
+    """(θ_t, decoded guide, guide id) of a RoundStart. θ comes dense, or as the moves since the θ of round
+    ``rs.base_round``, which must be ``held`` = (round, θ) (the θ this client's last round started from), with the
+    guidance the moves name in ``guides``. θ is checked against the guide's digest; guidance sent by id only must
+    be in ``guides`` (prefetched); guidance sent in full is decoded once and kept there by id.
     Raises ProtocolError when the round cannot be run as sent."""
     rid = rs.round_id
-    if not isinstance(rs.theta, EncodedArray):
-        raise ProtocolError("this client takes a dense θ (base_round = -1), got replay records")
-    theta = rs.theta.decode().astype(np.float32)
+    if isinstance(rs.theta, EncodedArray):
+        theta = rs.theta.decode().astype(np.float32)
+    else:
+        if held is None or held[0] != rs.base_round or rs.base_round < 0:
+            raise ProtocolError(f"round {rid} sends θ as moves from round {rs.base_round}'s, this client holds "
+                                f"round {-1 if held is None else held[0]}'s")
+        if not rs.theta_digest:
+            raise ProtocolError(f"round {rid} sends θ as moves without the digest to check them")
+        try:
+            theta = rs.theta.apply(held[1], guides)  # before the new guidance may evict an old one from ``guides``
+        except ValueError as e:
+            raise ProtocolError(f"round {rid}: {e}") from None
     if rs.theta_digest and theta_digest(theta) != rs.theta_digest:
         raise ProtocolError(f"round {rid}: decoded θ does not match the guide's digest")
     if rs.guidance is None:

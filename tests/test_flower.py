@@ -32,14 +32,14 @@ def _write_csv(path: Path, pos: list[str], neg: list[str]) -> Path:
     return path
 
 
-def _guide_toml(path: Path, state: Path, log: Path) -> Path:
+def _guide_toml(path: Path, state: Path, log: Path, rounds: int) -> Path:
     path.write_text(f"""
 [server]
 state_dir = "{state}"
 log_file = "{log}"
 
 [rounds]
-rounds = 2
+rounds = {rounds}
 min_clients = 2
 max_clients = 2
 deadline_s = 240.0
@@ -112,25 +112,22 @@ print('OK', [m for m in sys.modules if m.split('.')[0] == 'torch'])
     assert not [r for r in reqs if r.split()[0].lower().startswith("torch") and "extra" not in r], reqs
 
 
-@pytest.mark.slow
-def test_flwr_run_two_supernodes_and_the_final_theta_is_the_exact_replay(tmp_path, tiny_llama_gguf):
-    """Runs Flower with ``--insecure`` on purpose: plaintext on 127.0.0.1 only, so the test needs no certificates.
-    TLS (the SuperLink's --ssl-* files, the SuperNodes' --root-certificates) is in docs/flower.md."""
+def _flower_rounds(tmp_path: Path, gguf: Path, *, rounds: int, tls: tuple[str, str, str] | None):
+    """Start a SuperLink and two SuperNodes (each its own rows), ``flwr run`` the edgezo app for ``rounds`` rounds,
+    wait for the guide's "finished". Returns (guide.toml, dims, log events, plans, uploads, θ_0..θ_rounds, logs)."""
     from app.flower_local import LocalDeployment
-    from cloud.cli import build_source
     from edge.runtime import Runtime, RuntimeConfig
 
-    rt = Runtime(str(tiny_llama_gguf), RuntimeConfig(n_ctx=64, n_seq_max=1, n_threads=1))
+    rt = Runtime(str(gguf), RuntimeConfig(n_ctx=64, n_seq_max=1, n_threads=1))
     d = rt.dims()
     rt.close()
     dims = f"{d.n_layers},{d.hidden},{d.intermediate},{d.n_heads},{d.n_kv_heads}"
     state, log = tmp_path / "state", tmp_path / "guide.jsonl"
-    toml = _guide_toml(tmp_path / "guide.toml", state, log)
+    toml = _guide_toml(tmp_path / "guide.toml", state, log, rounds)
     data = [_write_csv(tmp_path / "a.csv", POSITIVE[:5], NEGATIVE[:5]),
             _write_csv(tmp_path / "b.csv", POSITIVE[3:], NEGATIVE[3:])]  # each SuperNode its own private rows
-    nodes = [{"model": str(tiny_llama_gguf), "data": str(p), "threads": 1} for p in data]
-    t0 = time.monotonic()
-    with LocalDeployment(tmp_path / "flower", tls=None) as dep:
+    nodes = [{"model": str(gguf), "data": str(p), "threads": 1} for p in data]
+    with LocalDeployment(tmp_path / "flower", tls=tls) as dep:
         dep.start(nodes)
         dep.run({"guide-config": str(toml), "dims": dims, "join-timeout-s": 60.0})
         end = time.monotonic() + 300
@@ -140,40 +137,66 @@ def test_flwr_run_two_supernodes_and_the_final_theta_is_the_exact_replay(tmp_pat
                 pytest.fail(f"the Flower run did not finish ({'an upload was refused' if failed else 'timeout'}):\n"
                             f"{log.read_text() if log.exists() else ''}\n{dep.tail()}")
             time.sleep(0.5)
-    wall = time.monotonic() - t0
+        logs = {n: dep.log_text(n) for n in dep.logs}
     events = [json.loads(x) for x in log.read_text().splitlines()]
-    closed = [e for e in events if e["event"] == "round_closed"]
-    assert [e["uploads"] for e in closed] == [2, 2] and all(e["transport"] == "flower" for e in closed)
-
     store = Store(root=state)
     try:
-        plans = [store.load_plan(t) for t in range(2)]
-        uploads = [store.uploads(t) for t in range(2)]
-        thetas = [store.load_theta(t) for t in range(3)]
+        plans = [store.load_plan(t) for t in range(rounds)]
+        uploads = [store.uploads(t) for t in range(rounds)]
+        thetas = [store.load_theta(t) for t in range(rounds + 1)]
     finally:
         store.close()
-    cfg = GuideConfig.load(toml)
-    for t in range(2):
-        ups = uploads[t]
+    return toml, dims, events, plans, uploads, thetas, logs
+
+
+def _check_exact_replay(plans, uploads, thetas) -> None:
+    """Each round: two llama.cpp clients uploaded, and θ_{t+1} is the exact replay of their records."""
+    from protocol.zo import subspace_theta
+
+    for t, (plan, ups) in enumerate(zip(plans, uploads, strict=True)):
         assert len({u.client for u in ups}) == 2 and all(u.client.startswith("node-") for u in ups)
         for u in ups:  # llama.cpp ran the round: 2 local steps of q = 1, batch 4, finite losses
-            validate_upload(plans[t], u)
+            validate_upload(plan, u)
             assert len(u.steps) == 2 and u.examples == 8 and np.isfinite(u.loss_after)
         # θ_{t+1} is the exact replay of both clients' records: the daemon's merge over the stored plan
-        assert np.array_equal(merge(plans[t], ups), thetas[t + 1])
-        assert not np.array_equal(thetas[t + 1], plans[t].theta)  # the edges moved it
+        assert np.array_equal(merge(plan, ups), thetas[t + 1])
+        assert not np.array_equal(thetas[t + 1], plan.theta)  # the edges moved it
         # and it is the c-space average of what each client's records reach (weights ∝ examples: equal here)
-        c = np.mean([client_c(plans[t], u) for u in ups], axis=0)
-        from protocol.zo import subspace_theta
+        c = np.mean([client_c(plan, u) for u in ups], axis=0)
+        assert np.array_equal(subspace_theta(plan.theta, plan.guide.basis, c), thetas[t + 1])
 
-        assert np.array_equal(subspace_theta(plans[t].theta, plans[t].guide.basis, c), thetas[t + 1])
+
+@pytest.mark.slow
+def test_flwr_run_two_supernodes_and_the_final_theta_is_the_exact_replay(tmp_path, tiny_llama_gguf):
+    """Runs Flower with ``--insecure`` on purpose: plaintext on 127.0.0.1 only, so this test needs no certificates.
+    TLS (the SuperLink's --ssl-* files, the SuperNodes' --root-certificates) is docs/flower.md and the next test."""
+    from cloud.cli import build_source
+
+    toml, dims, events, plans, uploads, thetas, _ = _flower_rounds(tmp_path, tiny_llama_gguf, rounds=2, tls=None)
+    closed = [e for e in events if e["event"] == "round_closed"]
+    assert [e["uploads"] for e in closed] == [2, 2] and all(e["transport"] == "flower" for e in closed)
+    _check_exact_replay(plans, uploads, thetas)
     assert np.array_equal(plans[1].theta, thetas[1])  # static guidance: round 1 starts where round 0's merge ended
-    # the plan is the one the daemon would make: same spec, θ_0 and guidance from the same guide.toml
+    # the plan is the one the daemon makes: the same spec, θ_0 and guidance from the same guide.toml
+    cfg = GuideConfig.load(toml)
     spec, theta0, src, _ = build_source(cfg, dims=dims)
     g = src.submit(theta0, 0).result()
     wire, guide = compress_guidance(g.guide, cfg.wire.codec())
     plan0 = plan_round(round_id=0, theta=theta0, guidance=g, guide=guide, basis_id=wire.guide_id, train=cfg.train,
                        total_rounds=cfg.rounds.rounds)
     assert plan0.basis_id == plans[0].basis_id and np.array_equal(plan0.theta, plans[0].theta)
-    assert np.array_equal(merge(plan0, uploads[0]), thetas[1])
-    print(f"flower run: 2 rounds, {wall:.1f} s wall with startup; rounds {[e['round_s'] for e in closed]} s")
+    assert np.array_equal(thetas[0], theta0) and np.array_equal(merge(plan0, uploads[0]), thetas[1])
+
+
+@pytest.mark.slow
+def test_flwr_run_over_tls(tmp_path, tiny_llama_gguf):
+    """The same deployment with Flower's TLS: the SuperLink serves HTTPS (--ssl-ca-certfile/--ssl-certfile/
+    --ssl-keyfile; the self-signed pair is its own CA), SuperNodes and flwr verify it (--root-certificates)."""
+    from conftest import tls_pair
+
+    cert, key = (str(x) for x in tls_pair())
+    _, _, events, plans, uploads, thetas, logs = _flower_rounds(tmp_path, tiny_llama_gguf, rounds=1,
+                                                                tls=(cert, cert, key))
+    assert "Uvicorn running on https://127.0.0.1" in logs["superlink"]
+    assert all("--insecure" not in logs[n].splitlines()[0] for n in logs)
+    _check_exact_replay(plans, uploads, thetas)

@@ -200,3 +200,139 @@ def test_flwr_run_over_tls(tmp_path, tiny_llama_gguf):
     assert "Uvicorn running on https://127.0.0.1" in logs["superlink"]
     assert all("--insecure" not in logs[n].splitlines()[0] for n in logs)
     _check_exact_replay(plans, uploads, thetas)
+
+
+# ---- the strategy against a Grid without a SuperLink (fast: no processes, a quadratic loss on the edge) -----------
+class _FakeGrid:
+    """What EdgezoStrategy uses of a Flower Grid; each pushed message is answered by ``respond(message)``."""
+
+    def __init__(self, nodes: list[int], respond) -> None:
+        self.nodes, self.respond, self.pending = nodes, respond, []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.nodes)
+
+    def push_messages(self, messages) -> list[str]:
+        ids = []
+        for m in messages:
+            m.metadata.__dict__["_message_id"] = m.object_id  # what Flower's grid does before pushing
+            self.pending.append(m)
+            ids.append(m.metadata.message_id)
+        return ids
+
+    def pull_messages(self, ids) -> list:
+        out = [r for m in self.pending if m.metadata.message_id in ids for r in self.respond(m)]
+        self.pending = []
+        return out
+
+
+@pytest.fixture
+def flower_task():
+    """Flower messages need a run id in the process (a ClientApp / ServerApp process has one)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    old = (TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id)
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1
+    yield
+    TaskIdentity._run_id, TaskIdentity._node_id, TaskIdentity._task_id = old
+
+
+def _quadratic(seed: int):
+    from test_round_v2 import SPEC
+
+    target = np.random.default_rng(seed).standard_normal(SPEC.d).astype(np.float32)
+    return lambda th, t: float(np.mean((th - target) ** 2))
+
+
+def _strategy(tmp_path: Path, clients: int, rounds: int):
+    from test_round_v2 import SPEC
+
+    from cloud.daemon import StaticGuidance
+    from cloud.flower_server import EdgezoStrategy
+
+    cfg = GuideConfig.from_dict({"server": {"state_dir": str(tmp_path / "state")},
+                                 "rounds": {"rounds": rounds, "min_clients": clients, "max_clients": clients,
+                                            "deadline_s": 5.0, "join_window_s": 0.0},
+                                 "train": {"kind": "subspace", "k": 8, "local_steps": 3, "q": 2, "batch": 4}})
+    src = StaticGuidance(d=SPEC.d, k=8, alpha=1.0, rng=np.random.default_rng(0), kind="subspace")
+    store = Store(root=cfg.server.state_dir)
+    events: list[tuple[str, dict]] = []
+    theta0 = SPEC.flatten(SPEC.init(0))
+    strat = EdgezoStrategy(config=cfg, spec=SPEC, theta0=theta0, guidance=src, store=store,
+                           log=lambda e, **f: events.append((e, f)), join_timeout_s=1.0, poll_s=0.01)
+    return cfg, strat, store, events, theta0
+
+
+def _reply(m, *, node: int, name: str | None = None, round_shift: int = 0):
+    """The edge's answer to a RoundStart message: FunctionTrainer steps as (seed, g) records in an Update frame."""
+    from flwr.app import ConfigRecord, Message, RecordDict
+
+    from edge.round_trainer import FunctionTrainer, round_inputs, round_update, train_round_start
+
+    rs = message_from_entry(m.content.config_records.get(RECORD), RoundStart)
+    theta, guide, gid = round_inputs(rs, {})
+    trainer = FunctionTrainer(loss_fn=_quadratic(node), examples_per_step=4, seed=node, q=2)
+    res = train_round_start(trainer, rs, theta, guide)
+    up = round_update(rs, res, client_id=name or client_name(node), guide_id=gid, duration_s=0.0)
+    if round_shift:
+        up.round_id += round_shift
+    return Message(RecordDict({RECORD: ConfigRecord(frame_entry(up))}), reply_to=m)
+
+
+def test_strategy_rounds_equal_the_daemons_engine_in_process(tmp_path, flower_task):
+    """Two rounds through EdgezoStrategy's configure / exchange / aggregate give the θ the study's simulate_round
+    (the daemon's engine, in process) computes from the same plan and the same trainers."""
+    from cloud.engine import simulate_round
+    from edge.round_trainer import FunctionTrainer
+
+    nodes = [7, 18446744073709551615]  # Flower node ids are uint64
+    cfg, strat, store, events, _ = _strategy(tmp_path, clients=2, rounds=2)
+    try:
+        theta = strat.run(_FakeGrid(nodes, lambda m: [_reply(m, node=m.metadata.dst_node_id)]), 2)
+        for t in range(2):
+            plan, ups = store.load_plan(t), store.uploads(t)
+            assert sorted(u.client for u in ups) == sorted(client_name(n) for n in nodes)
+            trainers = {client_name(n): FunctionTrainer(loss_fn=_quadratic(n), examples_per_step=4, seed=n, q=2)
+                        for n in nodes}
+            _, study = simulate_round(plan, trainers, q=2, batch=4)
+            assert np.array_equal(study, store.load_theta(t + 1)) and np.array_equal(merge(plan, ups), study)
+        assert np.array_equal(theta, store.load_theta(2))
+    finally:
+        store.close()
+    assert [f["uploads"] for e, f in events if e == "round_closed"] == [2, 2]
+
+
+def test_strategy_keeps_only_valid_uploads_from_the_node_they_name(tmp_path, flower_task):
+    """An impersonating node, a failed ClientApp, a wrong round, a duplicate and a node outside the round are
+    refused; θ_1 is the replay of the one honest upload."""
+    from flwr.app import ConfigRecord, Error, Message, MessageType, RecordDict
+
+    nodes = [1, 2, 3, 4]
+
+    def respond(m):
+        n = m.metadata.dst_node_id
+        if n == 1:  # honest, and then the same upload again
+            return [_reply(m, node=1), _reply(m, node=1)]
+        if n == 2:  # claims to be node 1
+            return [_reply(m, node=2, name=client_name(1))]
+        if n == 3:  # the ClientApp raised
+            return [Message(Error(code=0, reason="model not found"), reply_to=m)]
+        stray = Message(RecordDict({RECORD: ConfigRecord(dict(m.content.config_records[RECORD]))}), dst_node_id=99,
+                        message_type=MessageType.TRAIN, group_id="0")
+        stray.metadata.__dict__["_message_id"] = stray.object_id
+        return [_reply(m, node=4, round_shift=1), _reply(stray, node=99)]  # wrong round; a node not selected
+
+    cfg, strat, store, events, theta0 = _strategy(tmp_path, clients=4, rounds=1)
+    try:
+        strat.run(_FakeGrid(nodes, respond), 1)
+        plan, ups = store.load_plan(0), store.uploads(0)
+        assert [u.client for u in ups] == [client_name(1)]
+        assert np.array_equal(merge(plan, ups), store.load_theta(1)) and not np.array_equal(plan.theta,
+                                                                                                store.load_theta(1))
+    finally:
+        store.close()
+    reasons = [f["reason"] for e, f in events if e == "upload_refused"]
+    assert len(reasons) == 5, reasons
+    for needle in ("already uploaded", "names client 'node-1'", "model not found", "upload for round 1",
+                   "node 99 is not in round 0"):
+        assert any(needle in r for r in reasons), (needle, reasons)

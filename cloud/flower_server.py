@@ -146,7 +146,7 @@ class EdgezoStrategy(Strategy):
         losses = [u.loss_after for u in accepted if math.isfinite(u.loss_after)]
         client_loss = float(np.mean(losses)) if losses else None
         self.store.close_round(plan.round_id, theta_next, n_uploads=len(accepted), public_loss=None,
-                               client_loss=client_loss)
+                               client_loss=client_loss, down_bytes=self._open["down_bytes"], up_bytes=up_bytes)
         done = time.time()
         rec = {"round": plan.round_id, "selected": len(self.selected), "uploads": len(accepted), "refused": refused,
                "round_s": round(done - self._open["t0"], 3), "exchange_s": round(received - self._open["sent"], 3),

@@ -240,6 +240,9 @@ def serve(grid: Grid, run_config: Mapping[str, Any]) -> np.ndarray:
     cfg = guide_config(run_config)
     if cfg.rounds.rounds <= 0:
         raise ValueError("a Flower run needs a round count: [rounds] rounds or --run-config 'rounds=N'")
+    if cfg.wire.theta != "fp32":  # accepted settings must act: the Flower path has no held-θ moves or deltas yet
+        raise ValueError(f"[wire] theta = {cfg.wire.theta!r} is not supported on the Flower path (θ goes dense "
+                         "fp32 there); use it with `edgezo guide serve`, or set theta = \"fp32\"")
     log = JsonLog(cfg.server.log_file)
     store = Store(root=cfg.server.state_dir)
     guidance = None

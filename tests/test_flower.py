@@ -336,3 +336,14 @@ def test_strategy_keeps_only_valid_uploads_from_the_node_they_name(tmp_path, flo
     for needle in ("already uploaded", "names client 'node-1'", "model not found", "upload for round 1",
                    "node 99 is not in round 0"):
         assert any(needle in r for r in reasons), (needle, reasons)
+
+
+def test_a_wire_theta_the_flower_path_cannot_send_is_refused_not_ignored(tmp_path):
+    """[wire] theta = "adaptive" is the daemon's; the Flower ServerApp refuses it before any state is written."""
+    from cloud.flower_server import serve
+
+    toml = _guide_toml(tmp_path / "guide.toml", tmp_path / "state", tmp_path / "log.jsonl", rounds=1)
+    toml.write_text(toml.read_text() + '\n[wire]\ntheta = "adaptive"\ntarget = 0.02\n')
+    with pytest.raises(ValueError, match=r"\[wire\] theta = 'adaptive' is not supported on the Flower path"):
+        serve(None, {"guide-config": str(toml), "state-dir": str(tmp_path / "state")})
+    assert not (tmp_path / "state").exists() or not any((tmp_path / "state").iterdir())

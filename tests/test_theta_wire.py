@@ -118,7 +118,8 @@ def _stored(tmp: Path, rounds: int) -> tuple[list[RoundPlan], list[np.ndarray], 
     return plans, thetas, uploads
 
 
-def _run(tmp: Path, *, rounds: int, source, wire: dict | None = None, n: int = 2) -> dict[str, _Recording]:
+def _run(tmp: Path, *, rounds: int, source, wire: dict | None = None, n: int = 2,
+         before_stop=None) -> dict[str, _Recording]:
     tokens = {f"c{i}": f"secret-token-{i:04d}" for i in range(n)}
     cfg = _config(tmp, tokens, rounds=rounds, wire=wire, min_clients=n, max_clients=n)
     trainers = {c: _Recording(loss_fn=_quadratic(1 + i), examples_per_step=4, seed=10 + i, q=2)
@@ -132,6 +133,8 @@ def _run(tmp: Path, *, rounds: int, source, wire: dict | None = None, n: int = 2
             await asyncio.wait_for(asyncio.gather(*(e.run() for e in edges)), 90)
             while not srv.finished:
                 await asyncio.sleep(0.02)
+            if before_stop is not None:
+                await asyncio.get_running_loop().run_in_executor(None, before_stop, srv.port)
         finally:
             await srv.stop()
 
@@ -140,11 +143,20 @@ def _run(tmp: Path, *, rounds: int, source, wire: dict | None = None, n: int = 2
 
 
 # ---- over TLS, with the real daemon ----------------------------------------------------------------------------
-def test_replay_records_rebuild_theta_bit_for_bit_for_three_rounds(tmp_path):
+def test_replay_records_rebuild_theta_bit_for_bit_for_three_rounds(tmp_path, capsys):
     """Subspace rounds with no cloud steps: from round 1 on every edge gets θ as round t-1's c-space move (k numbers)
-    and rebuilds the guide's θ_t bit for bit; the θ the edges start from is the guide's merged θ_t itself."""
+    and rebuilds the guide's θ_t bit for bit; the θ the edges start from is the guide's merged θ_t itself. Bytes
+    each way per round are logged, stored and shown by `edgezo guide status`."""
+    from app.cli import main as edgezo
+
     rounds = 4
-    trainers = _run(tmp_path, rounds=rounds, source=_Rotating(d=SPEC.d, k=4))
+    status = []
+
+    def guide_status(port: int) -> None:
+        status.append(edgezo(["guide", "status", f"127.0.0.1:{port}", "--ca", str(tls_pair()[0]), "--client-id", "c0",
+                              "--token", "secret-token-0000"]))
+
+    trainers = _run(tmp_path, rounds=rounds, source=_Rotating(d=SPEC.d, k=4), before_stop=guide_status)
     plans, thetas, uploads = _stored(tmp_path, rounds)
     for t in range(rounds):
         assert same_bits(plans[t].theta, thetas[t])  # lossless: the round starts from the merged θ_t
@@ -169,6 +181,13 @@ def test_replay_records_rebuild_theta_bit_for_bit_for_three_rounds(tmp_path):
         store.close()
     assert all(r["down_bytes"] > 0 and r["up_bytes"] > 0 for r in rows)
     assert all(r["down_bytes"] < rows[0]["down_bytes"] for r in rows[1:])  # (they include the next U's prefetch)
+    assert status == [0]
+    printed = capsys.readouterr().out.splitlines()
+    assert "theta last round: 2 as replay records, 0 dense" in printed
+    head = next(i for i, x in enumerate(printed) if x.split()[:1] == ["round"] and "down_bytes" in x)
+    table = [x.split() for x in printed[head + 1: head + 1 + rounds]]
+    assert [(int(r[0]), int(r[-2]), int(r[-1])) for r in table] == [
+        (r["round"], r["down_bytes"], r["up_bytes"]) for r in rows]
 
 
 def test_a_client_that_missed_a_round_gets_dense_theta_and_still_lands_on_the_guides(tmp_path):
@@ -406,3 +425,19 @@ def test_held_theta_survives_a_restart_and_ignores_torn_files(tmp_path):
     (tmp_path / "held-theta.npz").write_bytes(b"torn")
     held3 = HeldTheta(tmp_path)
     assert held3.load() == {} and held3.round_id == -1 and held3.digest == ""
+
+
+def test_moves_an_edge_cannot_apply_make_it_forget_its_theta_so_the_next_round_comes_dense(tmp_path):
+    """A RoundStart whose moves need guidance the edge does not hold: the round is refused (ProtocolError, the
+    client reconnects) and the edge holds nothing any more, so its next RoundRequest gets θ dense, not a loop."""
+    spec = tiny_spec()
+    theta = np.random.default_rng(4).standard_normal(spec.d).astype(np.float32)
+    edge = _edge(7878, "c0", "secret-token-0000", tmp_path, FunctionTrainer(loss_fn=lambda th, t: 0.0,
+                                                                           examples_per_step=1, seed=0))
+    edge.held.save(3, theta, None)
+    plan = RoundPlan(round_id=4, basis_id="", theta=theta, guide=None, schedule=Schedule(), lam=0.0, local_steps=1)
+    rs = round_start(plan, spec=spec, train=TrainConfig(), guidance=None, deadline=0.0, base_round=3,
+                     theta=ThetaReplay(rounds=[ReplayRound(round_id=3, guide_id="not-held", c=[0.5])]))
+    with pytest.raises(ProtocolError, match="not held"):
+        asyncio.run(edge._do_round(None, rs))
+    assert edge.held.round_id == -1 and edge.held.digest == ""

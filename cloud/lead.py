@@ -24,7 +24,6 @@ from __future__ import annotations
 import collections
 import concurrent.futures as cf
 import json
-import os
 import sys
 import threading
 import time
@@ -37,6 +36,7 @@ import numpy as np
 from cloud.config import CloudConfig, TrainConfig
 from cloud.data import Slice
 from cloud.guidance import Guidance
+from convert.atomic import atomic_open
 from protocol.zo import Guide, orthonormal_basis
 
 CKPT_NAME = "lead.npz"
@@ -329,22 +329,8 @@ class CloudLead:
                 "history": self.history, "config": self.config.__dict__,
             }, default=_jsonable)),
         }
-        tmp = p.with_name(p.name + ".tmp")
-        with open(tmp, "wb") as f:
+        with atomic_open(p) as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-        try:
-            dfd = os.open(p.parent, os.O_RDONLY)
-        except OSError:
-            return
-        try:
-            os.fsync(dfd)
-        except OSError:
-            pass
-        finally:
-            os.close(dfd)
 
     def _load(self, theta0: np.ndarray) -> bool:
         """Restore from the checkpoint if there is one (False if none). The checkpoint must have been started

@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from cloud.aggregate import RoundPlan, Upload
+from convert.atomic import atomic_write_bytes
 from protocol.arrays import packb, unpackb
 from protocol.constants import DEFAULT_LIMITS
 from protocol.messages import ReplayRound, step_records_from_wire, step_records_to_wire, theta_digest
@@ -60,22 +61,6 @@ CREATE TABLE IF NOT EXISTS clients (
 );
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 """
-
-
-def atomic_write(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically and durably (tmp + fsync + os.replace + fsync dir)."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    dfd = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(dfd)
-    finally:
-        os.close(dfd)
 
 
 def _npz_bytes(**arrays: np.ndarray) -> bytes:
@@ -117,7 +102,7 @@ class Store:
         arrays = {"theta": np.asarray(theta, np.float32)}
         if move is not None:
             arrays["move"] = np.asarray(move, np.float64)
-        atomic_write(self.root / f"theta-{round_id}.npz", _npz_bytes(**arrays))
+        atomic_write_bytes(self.root / f"theta-{round_id}.npz", _npz_bytes(**arrays))
 
     def load_theta(self, round_id: int) -> np.ndarray | None:
         p = self.root / f"theta-{round_id}.npz"
@@ -156,7 +141,7 @@ class Store:
             "theta_digest": theta_digest(plan.theta),
         }
         arrays["meta"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
-        atomic_write(self.root / f"plan-{plan.round_id}.npz", _npz_bytes(**arrays))
+        atomic_write_bytes(self.root / f"plan-{plan.round_id}.npz", _npz_bytes(**arrays))
         self.db.execute(
             "INSERT OR REPLACE INTO rounds (round_id, basis_id, status, selected, opened_at, deadline) "
             "VALUES (?, ?, 'open', ?, ?, ?)",

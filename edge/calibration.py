@@ -24,6 +24,8 @@ from typing import Any
 
 import numpy as np
 
+from convert.atomic import atomic_open
+
 CALIB_VERSION = 1
 CALIB_SUFFIX = ".calib.json"
 SERVE_BONUS = 100.0  # added to every label token's logit at serving time: far above any logit gap
@@ -228,15 +230,11 @@ class Calibration:
         return c
 
     def save(self, path: str | os.PathLike) -> Path:
-        """Atomic JSON write (tmp file, fsync, rename)."""
+        """Atomic, durable JSON write (convert.atomic)."""
         path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        with atomic_open(path, "w", encoding="utf-8") as f:
             json.dump(self.to_dict(), f, indent=1)
             f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
         return path
 
     @classmethod

@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from convert.atomic import atomic_write_bytes
 from edge.held_theta import HeldTheta
 from edge.round_trainer import (
     GUIDES_HELD,
@@ -172,12 +173,7 @@ class EdgeClient:
         return self.state_dir / "pending.bin"
 
     def _save_pending(self, frame: bytes) -> None:
-        tmp = self._pending_path.with_suffix(".tmp")
-        with open(tmp, "wb") as f:
-            f.write(frame)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, self._pending_path)
+        atomic_write_bytes(self._pending_path, frame)
 
     def _clear_pending(self) -> None:
         self._pending_path.unlink(missing_ok=True)

@@ -275,15 +275,14 @@ def _eval_classification(task, rows: list, data: list, bs: int, calib, args: arg
     raw = s.argmax(1)
     cal = calib.predict(s) if calib is not None else None
     if args.predictions:
-        out = Path(args.predictions)
-        tmp = out.with_name(out.name + ".tmp")
-        with open(tmp, "w", encoding="utf-8") as f:
+        from convert.atomic import atomic_open
+
+        with atomic_open(Path(args.predictions), "w", encoding="utf-8") as f:
             for i, row in enumerate(rows):
                 rec = {"i": i, "text": row.text, "label": row.label, "raw": task.labels[raw[i]],
                        "calibrated": task.labels[cal[i]] if cal is not None else None,
                        "scores": [float(v) for v in s[i]]}
                 f.write(json.dumps(rec) + "\n")
-        tmp.replace(out)
     if calib is not None:
         print(f"edgezo: accuracy raw {result['accuracy']:.4f}, calibrated {result['calibrated_accuracy']:.4f} "
               f"(saved calibration, fitted on {calib.n_val} private validation rows)", file=sys.stderr)

@@ -2,7 +2,7 @@
 subspace round, cloud.theta_wire) instead of dense: the θ its last round *started* from and that round's guidance,
 in ``state_dir`` so a restarted device keeps them. Never imports torch.
 
-Files (each written tmp → fsync → rename, so a crash leaves the old or the new one): ``held-theta.npz`` (round id,
+Files (each written by convert.atomic: tmp → fsync → rename, so a crash leaves the old or the new one): ``held-theta.npz`` (round id,
 θ float32) and ``held-guidance.bin`` (the round's guidance as received, a GuidanceNext frame: compressed, and
 validated like any frame when read back).
 """
@@ -15,18 +15,10 @@ from pathlib import Path
 
 import numpy as np
 
+from convert.atomic import atomic_write_bytes
 from protocol.errors import ProtocolError
 from protocol.messages import Guidance, GuidanceNext, decode, encode, theta_digest
 from protocol.zo import Guide
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class HeldTheta:
@@ -70,12 +62,12 @@ class HeldTheta:
         if guidance is not None:
             gid = guidance.guide_id or guidance.digest()
             if gid != self._guide_id:
-                _atomic_write(self.dir / "held-guidance.bin",
-                              encode(GuidanceNext(round_id=round_id, ready=True, guidance=guidance)))
+                atomic_write_bytes(self.dir / "held-guidance.bin",
+                                   encode(GuidanceNext(round_id=round_id, ready=True, guidance=guidance)))
                 self._guide_id = gid
         buf = io.BytesIO()
         np.savez(buf, round_id=np.int64(round_id), theta=np.asarray(theta, np.float32))
-        _atomic_write(self.dir / "held-theta.npz", buf.getvalue())
+        atomic_write_bytes(self.dir / "held-theta.npz", buf.getvalue())
         self.round_id, self.theta = round_id, np.array(theta, np.float32, copy=True)
 
     def forget(self) -> None:

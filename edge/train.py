@@ -13,10 +13,10 @@ import os
 import resource
 import time
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import numpy as np
 
+from convert.atomic import atomic_open
 from edge.adapter import make_adapter, write_adapter_gguf, write_control_gguf
 from edge.data import batch_indices
 from edge.runtime import Runtime
@@ -267,9 +267,7 @@ class Trainer:
         write(path, self.spec, self.tensors(), self.rt.arch)
 
     def save_checkpoint(self, path: str | os.PathLike, extra: dict | None = None) -> None:
-        """Atomic checkpoint: θ, velocity, frozen tensors, step, config, spec (npz, fsync, rename)."""
-        path = Path(path)
-        tmp = path.with_name(path.name + ".tmp")
+        """Atomic checkpoint (convert.atomic): θ, velocity, frozen tensors, step, config, spec (npz)."""
         meta = {
             "version": CKPT_VERSION,
             "step": self.step,
@@ -283,11 +281,8 @@ class Trainer:
             arrays["velocity"] = self.velocity
         for k, v in self.frozen.items():
             arrays["frozen/" + k] = v
-        with open(tmp, "wb") as f:
+        with atomic_open(path) as f:
             np.savez(f, **arrays)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
 
     def load_checkpoint(self, path: str | os.PathLike) -> dict:
         """Restore θ, velocity, frozen tensors and step; refuses a checkpoint of another run shape."""

@@ -110,7 +110,7 @@ def test_save_load_round_trip_and_errors(tmp_path):
     p = calibration_path(tmp_path / "a.gguf")
     assert p.name == "a.gguf.calib.json"
     c.save(p)
-    assert not p.with_name(p.name + ".tmp").exists()
+    assert [f.name for f in p.parent.iterdir()] == [p.name]  # written atomically, no tmp left
     c2 = Calibration.load(p)
     assert c2 == c and c2.predict(s).tolist() == c.predict(s).tolist() and c2.logit_bias() == c.logit_bias()
     assert json.loads(p.read_text())["threshold"] == c.threshold

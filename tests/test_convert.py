@@ -294,6 +294,48 @@ def test_lora_gguf_module_does_not_import_torch() -> None:
     assert out.stdout.strip() == "False"
 
 
+# ---- atomic writes (convert.atomic: every durable write in the project) ------------------------------
+def test_atomic_writes_replace_whole_files_with_ordinary_permissions(tmp_path: Path) -> None:
+    import os
+
+    from convert.atomic import atomic_open, atomic_write_bytes
+
+    # Prepare
+    dst = tmp_path / "sub" / "state.bin"
+    mask = os.umask(0o022)
+    try:
+        # Execute
+        atomic_write_bytes(dst, b"old")
+        with atomic_open(dst) as f:
+            np.savez(f, x=np.arange(3))  # a file object: np.savez adds no ".npz" to the name
+        with atomic_open(tmp_path / "a.json", "w", encoding="utf-8") as f:
+            json.dump({"a": 1}, f)
+    finally:
+        os.umask(mask)
+    # Assert
+    with np.load(dst) as z:
+        assert z["x"].tolist() == [0, 1, 2]
+    assert json.loads((tmp_path / "a.json").read_text()) == {"a": 1}
+    assert (dst.stat().st_mode & 0o777) == 0o644
+    assert sorted(p.name for p in tmp_path.rglob("*")) == ["a.json", "state.bin", "sub"]
+
+
+def test_an_error_mid_write_keeps_the_old_file_and_leaves_no_tmp(tmp_path: Path) -> None:
+    from convert.atomic import atomic_open, atomic_write_bytes
+
+    # Prepare
+    dst = atomic_write_bytes(tmp_path / "lead.npz", b"old")
+    # Execute
+    with pytest.raises(RuntimeError), atomic_open(dst) as f:
+        f.write(b"half of the new")
+        raise RuntimeError("killed mid-write")
+    # Assert
+    assert dst.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["lead.npz"]
+    with pytest.raises(ValueError, match="whole new file"), atomic_open(dst, "ab"):
+        pass
+
+
 # ---- CLI ------------------------------------------------------------------------------------------------
 def test_cli_converts_every_direction(tiny_llama_dir: Path, peft_llama, tmp_path: Path) -> None:
     # Prepare

@@ -73,7 +73,7 @@ batch = 4
 
 [model]
 rank = 2
-alpha = 4.0
+lora_alpha = 4.0
 """)
     return path
 

@@ -110,9 +110,9 @@ def build_source(cfg, *, dims: str | None = None) -> tuple:
         counts = np.bincount(data.labels)
         public = split(data, {"public": n}, rng, balanced=len(counts) == 2 and counts.min() >= n - n // 2)["public"]
         spec, theta0, guidance, scorer = build_cloud(task=task,
-            model_path=m.path, device=m.device, rank=m.rank, alpha=m.alpha, targets=m.targets, layers=m.layers,
-            train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
-            guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha,
+            model_path=m.path, device=m.device, rank=m.rank, alpha=m.lora_alpha, targets=m.targets,
+            layers=m.layers, train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
+            guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, mix_alpha=tc.mix_alpha,
                                           precondition=tc.precondition), rng=rng)
         events.append(("public_data", {**report, "used": len(public), "template": cfg.data.template,
                                        "label_words": cfg.data.label_words}))
@@ -133,10 +133,10 @@ def build_source(cfg, *, dims: str | None = None) -> tuple:
         if not dims:
             raise ValueError("no model configured: give [model] path or --dims for a model-free guide")
         nl, h, i, nh, nkv = (int(x) for x in dims.split(","))
-        spec = AdapterSpec(kind="lora", dims=ModelDims(nl, h, i, nh, nkv), rank=m.rank, alpha=m.alpha,
+        spec = AdapterSpec(kind="lora", dims=ModelDims(nl, h, i, nh, nkv), rank=m.rank, alpha=m.lora_alpha,
                            targets=m.targets, layers=m.layers, train=m.train)
         theta0 = spec.flatten(spec.init(m.init_seed))
-        guidance = StaticGuidance(d=spec.d, k=tc.k, alpha=tc.alpha, rng=rng,
+        guidance = StaticGuidance(d=spec.d, k=tc.k, mix_alpha=tc.mix_alpha, rng=rng,
                                   kind=tc.kind if tc.subspace else "guided")
     return spec, theta0, guidance, events
 

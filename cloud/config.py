@@ -123,7 +123,14 @@ KIND_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
-GUIDED_ONLY = frozenset({"lam", "alpha", "guide_batches", "precondition"})  # [train] keys of kind "guided" only
+GUIDED_ONLY = frozenset({"lam", "mix_alpha", "guide_batches", "precondition"})  # [train] keys of kind "guided" only
+
+# Keys renamed so that a name says which α it is; an old key is refused with the new name, never read silently.
+RENAMED_KEYS: dict[tuple[str, str], str] = {
+    ("train", "alpha"): "[train] alpha was renamed mix_alpha (the Guided-ES mix; the LoRA scale is [model] lora_alpha)",
+    ("model", "alpha"): "[model] alpha was renamed lora_alpha (the LoRA scale = lora_alpha / rank; the Guided-ES "
+                        "mix is [train] mix_alpha)",
+}
 
 
 @dataclass(frozen=True)
@@ -131,7 +138,7 @@ class TrainConfig:
     """What the edges are told: guidance kind, local steps, schedule, perturbations per step q, batch, λ, k.
 
     ``kind`` "subspace" (round v2, default): the edge runs SPSA on c with θ = θ_t + U·c, U the cloud's
-    k-dimensional basis. "guided": Guided-ES directions (α, k) rectified by the cloud gradient (λ).
+    k-dimensional basis. "guided": Guided-ES directions (``mix_alpha``, k) rectified by the cloud gradient (λ).
     ``lr``/``eps`` left unset take :data:`KIND_DEFAULTS` of the kind. ``edge_weight``: the merge's weight on the
     edges' averaged progress (cloud.engine.merge).
     """
@@ -145,7 +152,7 @@ class TrainConfig:
     lam: float | str = 0.5  # guided only: fixed λ in [0, 1], or "online" (protocol.zo.online_lambda)
     q: int = 2
     batch: int = 8
-    alpha: float = 0.5  # guided only: Guided-ES mixing (1 = plain MeZO)
+    mix_alpha: float = 0.5  # guided only: Guided-ES mix, the weight of isotropic noise (1 = plain MeZO); Guide.alpha
     k: int = 16  # basis size: subspace 4-128; guided: last k cloud gradients
     guide_batches: int = 2  # guided only: public mini-batches per round
     precondition: str = "none"  # guided only: "adam" preconditions the public gradients (cloud.guidance)
@@ -170,8 +177,8 @@ class TrainConfig:
                 raise ValueError(f"lam must be a number in [0, 1] or 'online', got {self.lam!r}")
         elif not 0.0 <= self.lam <= 1.0:
             raise ValueError(f"lam must be in [0, 1], got {self.lam}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if not 0.0 < self.mix_alpha <= 1.0:
+            raise ValueError(f"mix_alpha must be in (0, 1], got {self.mix_alpha}")
         if self.lr < 0 or self.eps <= 0:
             raise ValueError("need lr >= 0 and eps > 0")
         if self.precondition not in ("none", "adam"):
@@ -230,7 +237,7 @@ class ModelConfig:
     path: str = ""  # HF folder or .gguf (dequantized to fp32); "" → no model (static guidance, tests/bench)
     device: str = ""  # "" → cuda if available else cpu
     rank: int = 8
-    alpha: float = 16.0
+    lora_alpha: float = 16.0  # the LoRA scale is lora_alpha / rank (AdapterSpec.alpha)
     targets: tuple[str, ...] = ("q_proj", "v_proj")
     layers: tuple[int, ...] = ()
     train: str = "AB"
@@ -355,6 +362,9 @@ class GuideConfig:
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> GuideConfig:
         """From a TOML-shaped mapping; unknown keys are errors (typos must not pass silently)."""
+        for (section, key), why in RENAMED_KEYS.items():
+            if key in dict(d.get(section, {})):
+                raise ValueError(why)
         parts: dict[str, Any] = {}
         for name, typ in (("server", ServerConfig), ("rounds", RoundConfig), ("train", TrainConfig),
                           ("model", ModelConfig), ("data", DataConfig), ("cloud", CloudConfig),

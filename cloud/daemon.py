@@ -69,11 +69,12 @@ class GuidanceSource(Protocol):
 
 
 class StaticGuidance:
-    """A fixed seeded random basis, no cloud gradient: for load tests and model-free daemons."""
+    """A fixed seeded random basis, no cloud gradient: for load tests and model-free daemons. ``mix_alpha``: the
+    Guided-ES mix ([train] mix_alpha; the guide's α, 1 for a subspace)."""
 
-    def __init__(self, *, d: int, k: int, alpha: float, rng: np.random.Generator, kind: str = "guided") -> None:
+    def __init__(self, *, d: int, k: int, mix_alpha: float, rng: np.random.Generator, kind: str = "guided") -> None:
         basis = orthonormal_basis(list(rng.standard_normal((k, d)).astype(np.float32)))
-        self.guide = Guide(basis=basis, alpha=alpha, grad=None, kind=kind)
+        self.guide = Guide(basis=basis, alpha=mix_alpha, grad=None, kind=kind)
 
     def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]:
         fut: cf.Future[Guidance] = cf.Future()

@@ -22,11 +22,12 @@ GradFn = Callable[[np.ndarray, int], tuple[np.ndarray, float]]
 
 @dataclass(frozen=True)
 class GuidanceConfig:
-    """k: basis size (last k gradients); batches: public mini-batches per round; alpha: Guided-ES mixing."""
+    """k: basis size (last k gradients); batches: public mini-batches per round; mix_alpha: the Guided-ES mix
+    (the guide's α, [train] mix_alpha)."""
 
     k: int = 4
     batches: int = 2
-    alpha: float = 0.5
+    mix_alpha: float = 0.5
     # "adam": precondition each public gradient by Adam's running second moment (diagonal), rescaled to the raw
     # gradient's norm, before it enters Q and g_B. Raw gradients of a LoRA are dominated by a few coordinates;
     # SGD along them barely fixes the label bias that AdamW fixes in 5 steps (docs/RESULTS.md). The edge and
@@ -43,8 +44,8 @@ class GuidanceConfig:
             raise ValueError(f"k must be >= 1, got {self.k}")
         if self.batches < 1:
             raise ValueError(f"batches must be >= 1, got {self.batches}")
-        if not 0.0 < self.alpha <= 1.0:
-            raise ValueError(f"alpha must be in (0, 1], got {self.alpha}")
+        if not 0.0 < self.mix_alpha <= 1.0:
+            raise ValueError(f"mix_alpha must be in (0, 1], got {self.mix_alpha}")
 
 
 @dataclass(frozen=True)
@@ -124,7 +125,7 @@ class GuidanceBuilder:
                 g = np.asarray(g, np.float32)
                 self.history.append(self.precond(g) if self.precond is not None else g)
                 losses.append(loss)
-            guide = build_guide(list(self.history), self.config.alpha)
+            guide = build_guide(list(self.history), self.config.mix_alpha)
             return Guidance(guide=guide, public_loss=float(np.mean(losses)), theta_round=round_id)
 
     def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]:

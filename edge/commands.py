@@ -65,7 +65,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--kind", choices=["lora", "control"], default="lora",
                    help="adapter kind: LoRA, or a control vector (one direction per layer, layers 1..n-1)")
     t.add_argument("--rank", type=int, default=8)
-    t.add_argument("--alpha", type=float, default=16.0)
+    t.add_argument("--alpha", type=float, default=16.0, help="LoRA alpha (scale = alpha / rank)")
     t.add_argument("--targets", default="q_proj,v_proj", help=f"comma list of {list(LORA_TARGETS)}")
     t.add_argument("--layers", default="", help="comma list of layer indices (default: all)")
     t.add_argument("--train", choices=["AB", "B"], default="AB")

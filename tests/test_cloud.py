@@ -64,7 +64,7 @@ def _server(tmp_path: Path, tokens: dict[str, str], **rounds) -> GuideServer:
         rounds={"rounds": 2, "min_clients": 1, "max_clients": 8, "deadline_s": 10.0, "join_window_s": 0.2, **rounds},
         train={"local_steps": 2, "lr": 0.01, "lam": 0.0, "q": 2})
     return GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)),
-                       guidance=StaticGuidance(d=SPEC.d, k=2, alpha=0.5, rng=np.random.default_rng(0)))
+                       guidance=StaticGuidance(d=SPEC.d, k=2, mix_alpha=0.5, rng=np.random.default_rng(0)))
 
 
 def _client(port: int, name: str, token: str, tmp_path: Path, seed: int, **kw) -> EdgeClient:

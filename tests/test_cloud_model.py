@@ -36,7 +36,7 @@ def _cloud(model_dir: Path, public, *, k: int = 2):
     scorer = TorchScorer(lora=lora, tokenizer=tok, task=ClassificationTask())
     batches = public.batches(16)
     builder = GuidanceBuilder(grad_fn=lambda th, b: scorer.gradient(th, *batches[b]),
-                              config=GuidanceConfig(k=k, batches=2, alpha=0.5), rng=np.random.default_rng(0),
+                              config=GuidanceConfig(k=k, batches=2, mix_alpha=0.5), rng=np.random.default_rng(0),
                               n_batches=len(batches))
     return spec, lora, scorer, builder, batches
 
@@ -59,7 +59,7 @@ def _config(tmp_path: Path, **rounds) -> GuideConfig:
         server={"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
                 "long_poll_s": 2.0, "insecure": True},  # plaintext on purpose: TLS is tested in test_cloud.py
         rounds={"join_window_s": 0.3, **rounds},
-        train={"kind": "guided", "local_steps": 20, "lr": 0.02, "eps": 1e-3, "lam": 0.5, "q": 2, "alpha": 0.5, "k": 2})
+        train={"kind": "guided", "local_steps": 20, "lr": 0.02, "eps": 1e-3, "lam": 0.5, "q": 2, "mix_alpha": 0.5, "k": 2})
 
 
 def test_lora_is_views_of_one_theta_and_matches_peft(tiny_llama_dir):

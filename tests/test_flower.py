@@ -54,7 +54,7 @@ batch = 4
 
 [model]
 rank = 2
-alpha = 4.0
+lora_alpha = 4.0
 """)
     return path
 
@@ -70,7 +70,7 @@ def test_frames_travel_in_a_config_record_and_refuse_the_wrong_type():
     cfg = GuideConfig.from_dict({"train": {"kind": "subspace", "k": 4}})
     from cloud.daemon import StaticGuidance
 
-    g = StaticGuidance(d=spec.d, k=4, alpha=1.0, rng=np.random.default_rng(0), kind="subspace").submit(None, 0).result()
+    g = StaticGuidance(d=spec.d, k=4, mix_alpha=1.0, rng=np.random.default_rng(0), kind="subspace").submit(None, 0).result()
     wire, guide = compress_guidance(g.guide)
     plan = plan_round(round_id=0, theta=spec.flatten(spec.init(0)), guidance=g, guide=guide, basis_id=wire.guide_id,
                       train=cfg.train, total_rounds=1)
@@ -254,7 +254,7 @@ def _strategy(tmp_path: Path, clients: int, rounds: int):
                                  "rounds": {"rounds": rounds, "min_clients": clients, "max_clients": clients,
                                             "deadline_s": 5.0, "join_window_s": 0.0},
                                  "train": {"kind": "subspace", "k": 8, "local_steps": 3, "q": 2, "batch": 4}})
-    src = StaticGuidance(d=SPEC.d, k=8, alpha=1.0, rng=np.random.default_rng(0), kind="subspace")
+    src = StaticGuidance(d=SPEC.d, k=8, mix_alpha=1.0, rng=np.random.default_rng(0), kind="subspace")
     store = Store(root=cfg.server.state_dir)
     events: list[tuple[str, dict]] = []
     theta0 = SPEC.flatten(SPEC.init(0))

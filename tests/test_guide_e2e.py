@@ -70,7 +70,7 @@ def test_kill9_a_device_then_the_guide_and_every_acked_upload_is_in_the_replayed
         f'[server]\nport = {port}\nstate_dir = "{state}"\nlog_file = "{log}"\nlong_poll_s = 2.0\n'
         f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
         f'[rounds]\nrounds = 2\nmin_clients = 2\nmax_clients = 2\ndeadline_s = 120.0\njoin_window_s = 0.2\n'
-        f'[model]\npath = "{tiny_llama_dir}"\nrank = 2\nalpha = 4.0\n'
+        f'[model]\npath = "{tiny_llama_dir}"\nrank = 2\nlora_alpha = 4.0\n'
         f'[data]\nsource = "{public}"\ntext_field = "review"\nlabel_field = "verdict"\n'
         f'label_words = {{ bad = "negative", good = "positive" }}\npublic_n = 16\nbatch = 4\n'
         f'[train]\nkind = "subspace"\nk = 4\nlocal_steps = 600\nq = 1\nbatch = 4\n'

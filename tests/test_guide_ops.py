@@ -39,7 +39,7 @@ def _server(tmp_path: Path, **server) -> GuideServer:
         rounds={"rounds": 1, "min_clients": 1, "max_clients": 1, "deadline_s": 10.0, "join_window_s": 0.0},
         train={"kind": "guided", "local_steps": 2, "lr": 0.01, "lam": 0.0, "q": 1})
     return GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)),
-                       guidance=StaticGuidance(d=SPEC.d, k=2, alpha=0.5, rng=np.random.default_rng(0)))
+                       guidance=StaticGuidance(d=SPEC.d, k=2, mix_alpha=0.5, rng=np.random.default_rng(0)))
 
 
 def _client(port: int, tmp_path: Path, **kw) -> EdgeClient:
@@ -162,7 +162,7 @@ def _hostile_server(tmp_path: Path, **train) -> GuideServer:
                 "long_poll_s": 2.0, "io_timeout_s": 5.0, "tls_cert": str(cert), "tls_key": str(key)},
         rounds={"rounds": 1, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.0},
         train={"kind": "guided", "local_steps": 2, "lr": 0.01, "lam": 0.5, "q": 2, "batch": 4, **train})
-    src = StaticGuidance(d=SPEC.d, k=2, alpha=0.5, rng=np.random.default_rng(0))
+    src = StaticGuidance(d=SPEC.d, k=2, mix_alpha=0.5, rng=np.random.default_rng(0))
     src.guide = dataclasses.replace(src.guide, grad=np.full(SPEC.d, 1e-3, np.float32))  # λ = 0.5 is live
     return GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)), guidance=src)
 
@@ -309,7 +309,7 @@ def test_guide_trains_on_the_operators_csv_jsonl_or_datasets_folder(tmp_path, ti
     cfg = GuideConfig.from_dict({
         "server": {"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl"),
                    "insecure": True},
-        "model": {"path": str(tiny_llama_dir), "rank": 2, "alpha": 4.0}, "data": data,
+        "model": {"path": str(tiny_llama_dir), "rank": 2, "lora_alpha": 4.0}, "data": data,
         "train": {"kind": "subspace", "k": 4}, "cloud": {"warm_steps": 1, "batch": 4}})
     srv = build_server(cfg)
     try:
@@ -376,7 +376,7 @@ def test_wire_section_sets_the_guidance_codec_and_replay_stays_exact(tmp_path):
             "train": {"kind": "guided", "local_steps": 2, "lr": 0.01, "lam": 0.0, "q": 1, "k": 8},
             "wire": wire, "clients": {"tokens": TOKENS}})
         srv = GuideServer(config=cfg, spec=SPEC, theta0=SPEC.flatten(SPEC.init(0)),
-                          guidance=StaticGuidance(d=SPEC.d, k=8, alpha=0.5, rng=np.random.default_rng(0)))
+                          guidance=StaticGuidance(d=SPEC.d, k=8, mix_alpha=0.5, rng=np.random.default_rng(0)))
 
         async def main():
             await srv.start()

@@ -4,6 +4,7 @@ settings that reach the edge. Model-free: a quadratic loss on the edge, the real
 from __future__ import annotations
 
 import asyncio
+import re
 from pathlib import Path
 
 import numpy as np
@@ -108,7 +109,7 @@ def _run_daemon(tmp_path: Path, train: dict, *, leading: bool = False, rounds: i
         "rounds": {"rounds": rounds, "min_clients": 2, "max_clients": 2, "deadline_s": 20.0, "join_window_s": 0.1},
         "train": train, "clients": {"tokens": tokens}})
     tc = cfg.train
-    src = (_Leading if leading else StaticGuidance)(d=SPEC.d, k=tc.k, alpha=1.0 if tc.subspace else tc.alpha,
+    src = (_Leading if leading else StaticGuidance)(d=SPEC.d, k=tc.k, mix_alpha=1.0 if tc.subspace else tc.mix_alpha,
                                                     rng=np.random.default_rng(0),
                                                     kind=tc.kind if tc.subspace else "guided")
     theta0 = SPEC.flatten(SPEC.init(0))
@@ -202,7 +203,7 @@ def test_guide_serve_with_a_model_warm_starts_and_leads_with_a_subspace(tmp_path
 
     cfg = GuideConfig.from_dict({
         "server": {"port": 0, "state_dir": str(tmp_path / "state"), "log_file": str(tmp_path / "guide.jsonl")},
-        "model": {"path": str(tiny_llama_dir), "rank": 2, "alpha": 4.0},
+        "model": {"path": str(tiny_llama_dir), "rank": 2, "lora_alpha": 4.0},
         "data": {"public_n": 32, "batch": 4},
         "train": {"kind": "subspace", "k": 4},
         "cloud": {"warm_steps": 3, "batch": 4}})
@@ -229,6 +230,26 @@ def test_settings_of_the_other_kind_are_refused_not_ignored():
     with pytest.raises(ValueError, match=r"\[cloud\] configures the leading cloud"):
         GuideConfig.from_dict({"train": {"kind": "guided"}, "cloud": {"warm_steps": 5}})
     assert GuideConfig.from_dict({"train": {"kind": "guided", "lam": 0.7}}).train.lam == 0.7
+
+
+@pytest.mark.parametrize(("toml", "new_key"), [
+    ('[train]\nkind = "guided"\nalpha = 0.5\n', "[train] alpha was renamed mix_alpha"),
+    ("[model]\nrank = 2\nalpha = 4.0\n", "[model] alpha was renamed lora_alpha"),
+])
+def test_an_old_alpha_key_is_refused_with_its_new_name(tmp_path, capsys, toml, new_key):
+    from app.cli import main
+
+    # Prepare
+    path = tmp_path / "guide.toml"
+    path.write_text(toml + '[clients.tokens]\nedge-1 = "a-long-random-secret"\n')
+    # Execute / Assert: the config layer names the new key; `guide serve` says it in one line and exits 2
+    with pytest.raises(ValueError, match=re.escape(new_key)):
+        GuideConfig.load(path)
+    assert main(["guide", "serve", "--config", str(path), "--dims", "2,64,128,4,2"]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and new_key in err[0]
+    cfg = GuideConfig.from_dict({"train": {"kind": "guided", "mix_alpha": 0.25}, "model": {"lora_alpha": 4.0}})
+    assert (cfg.train.mix_alpha, cfg.model.lora_alpha) == (0.25, 4.0)
 
 
 def test_subspace_merge_in_c_space_equals_the_d_space_sum():

@@ -12,7 +12,22 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, replay, subspace_theta
+from protocol.constants import LAMBDA_ONLINE
+from protocol.zo import Guide, Lambda, Schedule, StepRecord, SubspaceState, replay, subspace_theta
+
+# A plan keeps λ as one float (plan-N.npz stores it in JSON): the fixed λ in [0, 1], or PLAN_LAM_ONLINE for
+# LAMBDA_ONLINE (each edge step estimates and records its own λ*; protocol.zo.Lambda).
+PLAN_LAM_ONLINE = -1.0
+
+
+def lam_to_plan(lam: Lambda) -> float:
+    """λ as a plan stores it (:data:`PLAN_LAM_ONLINE` for LAMBDA_ONLINE)."""
+    return PLAN_LAM_ONLINE if lam == LAMBDA_ONLINE else float(lam)
+
+
+def lam_from_plan(lam: float) -> Lambda:
+    """The λ a plan's float stands for: what RoundStart.lam and the edges' train_round receive."""
+    return LAMBDA_ONLINE if lam == PLAN_LAM_ONLINE else lam
 
 
 @dataclass(frozen=True)
@@ -24,7 +39,7 @@ class RoundPlan:
     theta: np.ndarray  # θ_t (d,)
     guide: Guide | None
     schedule: Schedule
-    lam: float
+    lam: float  # λ of the round; PLAN_LAM_ONLINE: each step's own (lam_to_plan / lam_from_plan)
     local_steps: int
     first_step: int = 0  # global step index of this round's first local step (schedule position)
     # θ_{t+1} = θ + edge_weight·Σ w_i Δ_i (cloud.engine.merge); 1 is plain federated averaging of the edges.
@@ -69,9 +84,9 @@ def validate_upload(plan: RoundPlan, up: Upload, *, max_perturbations: int = 1 <
             raise UploadRefused("step uses λ > 0 but the round sent no cloud gradient")
         if not 0.0 <= st.lam <= 1.0:
             raise UploadRefused(f"λ must be in [0, 1], got {st.lam}")
-        if plan.lam >= 0 and st.lam != plan.lam and not (st.lam == 0.0 and (plan.guide is None or
-                                                                            plan.guide.grad is None)):
-            # λ is the plan's (an "online" plan, lam < 0, lets each step report its own estimate)
+        if plan.lam != PLAN_LAM_ONLINE and st.lam != plan.lam and not (st.lam == 0.0 and (
+                plan.guide is None or plan.guide.grad is None)):
+            # λ is the plan's (an "online" plan lets each step report its own estimate)
             raise UploadRefused(f"step uses λ = {st.lam}, round {plan.round_id} fixed λ = {plan.lam}")
         for g in st.groups:
             stop = d if g.stop < 0 else g.stop

@@ -37,6 +37,7 @@ from pathlib import Path
 from typing import Any
 
 from protocol.constants import SPLIT_P1, SPLIT_P2
+from protocol.zo import Lambda, check_lambda
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -149,7 +150,7 @@ class TrainConfig:
     eps: float | None = None
     momentum: float = 0.0
     decay: str = "constant"
-    lam: float | str = 0.5  # guided only: fixed λ in [0, 1], or "online" (protocol.zo.online_lambda)
+    lam: Lambda = 0.5  # guided only: a fixed λ in [0, 1], or "online" (LAMBDA_ONLINE; protocol.zo.Lambda)
     q: int = 2
     batch: int = 8
     mix_alpha: float = 0.5  # guided only: Guided-ES mix, the weight of isotropic noise (1 = plain MeZO); Guide.alpha
@@ -172,11 +173,7 @@ class TrainConfig:
             raise ValueError("local_steps, q, batch, k and guide_batches must be >= 1")
         if self.kind == "subspace" and not 4 <= self.k <= 128:
             raise ValueError(f"a subspace guide needs 4 <= k <= 128, got {self.k}")
-        if isinstance(self.lam, str):
-            if self.lam != "online":
-                raise ValueError(f"lam must be a number in [0, 1] or 'online', got {self.lam!r}")
-        elif not 0.0 <= self.lam <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        check_lambda(self.lam)
         if not 0.0 < self.mix_alpha <= 1.0:
             raise ValueError(f"mix_alpha must be in (0, 1], got {self.mix_alpha}")
         if self.lr < 0 or self.eps <= 0:

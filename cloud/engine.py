@@ -24,7 +24,16 @@ from typing import Any
 
 import numpy as np
 
-from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, aggregate_move, validate_upload
+from cloud.aggregate import (
+    RoundPlan,
+    Upload,
+    UploadRefused,
+    aggregate,
+    aggregate_move,
+    lam_from_plan,
+    lam_to_plan,
+    validate_upload,
+)
 from cloud.config import TrainConfig
 from cloud.guidance import Guidance
 from protocol import codecs
@@ -61,7 +70,7 @@ def plan_round(*, round_id: int, theta: np.ndarray, guidance: Guidance | None, g
     if guide is not None and guide.subspace:
         lam = 0.0  # a subspace step has no rectification term
     elif guide is not None and guide.grad is not None:
-        lam = -1.0 if isinstance(train.lam, str) else float(train.lam)  # -1: "online" in the plan's float
+        lam = lam_to_plan(train.lam)
     else:
         lam = 0.0
     return RoundPlan(round_id=round_id, basis_id=basis_id, theta=np.array(start, np.float32, copy=True),
@@ -81,7 +90,7 @@ def round_start(plan: RoundPlan, *, spec: AdapterSpec, train: TrainConfig, guida
         round_id=plan.round_id, spec=spec, base_round=base_round if theta is not None else -1,
         theta=codecs.encode(plan.theta, "fp32") if theta is None else theta,
         theta_digest=theta_digest(plan.theta), guidance=None if by_ref else guidance,
-        guidance_id=guidance.guide_id if guidance is not None else "", lam=plan.lam if plan.lam >= 0 else "online",
+        guidance_id=guidance.guide_id if guidance is not None else "", lam=lam_from_plan(plan.lam),
         hyper=Hyper(schedule=plan.schedule, q=train.q, local_steps=plan.local_steps, batch_size=train.batch,
                     first_step=plan.first_step, split_layer=train.split_layer, p1=train.p1, p2=train.p2),
         deadline=deadline)
@@ -129,7 +138,7 @@ def simulate_round(plan: RoundPlan, trainers: Mapping[str, Any], *, q: int, batc
     the daemon's TCP path hands the same arguments to the same method and merges with the same function.
     """
     uploads = []
-    lam: float | str = "online" if plan.lam < 0 else plan.lam
+    lam = lam_from_plan(plan.lam)
     for name in sorted(trainers):
         res = trainers[name].train_round(theta=plan.theta, guide=plan.guide, schedule=plan.schedule, lam=lam,
                                          local_steps=plan.local_steps, first_step=plan.first_step,

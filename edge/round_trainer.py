@@ -20,7 +20,7 @@ from edge.zo import ZOConfig, step_seeds, zo_measure
 from protocol.codecs import EncodedArray
 from protocol.errors import ProtocolError
 from protocol.messages import LossStats, RoundStart, Update, theta_digest
-from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
+from protocol.zo import Guide, Lambda, Schedule, StepRecord, SubspaceState, apply_step
 
 
 def client_seed(client_id: str) -> int:
@@ -41,7 +41,7 @@ class RoundResult:
 class LocalTrainer(Protocol):
     """What the client needs from a trainer: N local ZO steps from θ under one round's guidance."""
 
-    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
+    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: Lambda,
                     local_steps: int, first_step: int, hyper: dict) -> RoundResult: ...
 
 
@@ -58,7 +58,7 @@ class FunctionTrainer:
             raise ValueError("examples_per_step and q must be >= 1")
         self.loss_fn, self.examples_per_step, self.seed, self.q = loss_fn, examples_per_step, seed, q
 
-    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
+    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: Lambda,
                     local_steps: int, first_step: int, hyper: dict) -> RoundResult:
         q = int(hyper.get("q", self.q))
         th = np.array(theta, np.float32, copy=True)
@@ -89,7 +89,7 @@ class EdgeTrainerAdapter:
     def __init__(self, *, trainer: Any) -> None:
         self.trainer = trainer
 
-    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: float | str,
+    def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: Lambda,
                     local_steps: int, first_step: int, hyper: dict) -> RoundResult:
         tr = self.trainer
         tr.begin_round(theta, schedule, first_step, hyper)

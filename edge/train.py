@@ -25,7 +25,7 @@ from edge.tasks import Encoded
 from edge.zo import StepInfo, ZOConfig, step_seeds, zo_measure
 from protocol.constants import SPLIT_P1, SPLIT_P2
 from protocol.spec import AdapterSpec
-from protocol.zo import Guide, Schedule, StepRecord, SubspaceState, apply_step
+from protocol.zo import Guide, Lambda, Schedule, StepRecord, SubspaceState, apply_step
 
 CKPT_VERSION = 1
 CAPTURE_CACHE_MB = 512  # frozen bottom: captured states kept per example (SmolLM2, 45 tokens: ~0.1 MB each)
@@ -63,7 +63,7 @@ class TrainConfig:
     split_layer: int | None = None
     p1: int = SPLIT_P1
     p2: int = SPLIT_P2
-    lam: float | str = 0.0
+    lam: Lambda = 0.0
     init_b_std: float = 0.0  # 0: B = 0 (PEFT init); >0 only for tests (non-zero B so A gets gradient)
     reuse: bool = True  # with split_layer: tail passes reuse captured states (False: every pass a full forward)
 
@@ -188,7 +188,7 @@ class Trainer:
 
         return head, tail
 
-    def train_step(self, guide: Guide | None = None, lam: float | str | None = None) -> tuple[StepRecord, StepInfo]:
+    def train_step(self, guide: Guide | None = None, lam: Lambda | None = None) -> tuple[StepRecord, StepInfo]:
         """Measure one ZO step on this step's mini-batch, apply it (protocol.zo.apply_step), advance."""
         t = self.step
         batch = self.batch(t)
@@ -313,7 +313,7 @@ class Trainer:
         self.adapter.close()
 
 
-def run_local_steps(trainer: Trainer, n_steps: int, guide: Guide | None = None, lam: float | str | None = None) -> list[StepRecord]:
+def run_local_steps(trainer: Trainer, n_steps: int, guide: Guide | None = None, lam: Lambda | None = None) -> list[StepRecord]:
     """N local steps under one guide (federated round): the StepRecords to upload, θ updated in ``trainer``.
 
     The cloud replays them with ``protocol.zo.replay(θ_start, records, schedule, guide, first_step)``,

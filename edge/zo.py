@@ -11,8 +11,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from protocol.constants import SPLIT_P1, SPLIT_P2
-from protocol.zo import Group, Guide, StepRecord, direction, online_lambda
+from protocol.constants import LAMBDA_ONLINE, SPLIT_P1, SPLIT_P2
+from protocol.zo import Group, Guide, Lambda, StepRecord, check_lambda, direction, online_lambda
 
 LossFn = Callable[[np.ndarray], float]  # θ (d,) float32 -> scalar loss on the current mini-batch
 
@@ -20,22 +20,19 @@ LossFn = Callable[[np.ndarray], float]  # θ (d,) float32 -> scalar loss on the 
 @dataclass(frozen=True)
 class ZOConfig:
     """q: perturbations per step (plain schedule). split: θ index where block 2 starts (None: no split);
-    p1/p2: block-1 perturbations and block-2 perturbations per block-1 one. lam: fixed λ or "online"."""
+    p1/p2: block-1 perturbations and block-2 perturbations per block-1 one. lam: a fixed λ or LAMBDA_ONLINE
+    (protocol.zo.Lambda)."""
 
     q: int = 1
     split: int | None = None
     p1: int = SPLIT_P1
     p2: int = SPLIT_P2
-    lam: float | str = 0.0
+    lam: Lambda = 0.0
 
     def __post_init__(self) -> None:
         if self.q < 1 or self.p1 < 1 or self.p2 < 1:
             raise ValueError(f"q, p1, p2 must be >= 1, got {self.q}, {self.p1}, {self.p2}")
-        if isinstance(self.lam, str):
-            if self.lam != "online":
-                raise ValueError(f"lam must be a number in [0, 1] or 'online', got {self.lam!r}")
-        elif not 0.0 <= float(self.lam) <= 1.0:
-            raise ValueError(f"lam must be in [0, 1], got {self.lam}")
+        check_lambda(self.lam)
 
 
 @dataclass
@@ -102,7 +99,7 @@ def zo_measure(
     if bad:
         return StepRecord(groups=[], lam=0.0), StepInfo(float("nan"), True, bad, losses)
     lam = cfg.lam
-    if lam == "online":
+    if lam == LAMBDA_ONLINE:
         if guide is None or guide.grad is None:
             lam = 0.0
         else:

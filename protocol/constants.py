@@ -7,6 +7,7 @@ the dataclass); everything else that appears as a literal on the wire is defined
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Final
 
 PROTOCOL_VERSION = 1
 SUPPORTED_VERSIONS: tuple[int, ...] = (1,)
@@ -72,7 +73,7 @@ STEPS_COUNT = "n_steps"
 STEPS_KEYS = (STEPS_COUNT, STEPS_SEEDS, STEPS_GRADS, STEPS_N_GROUPS, STEPS_SIZES, STEPS_SPAN_IDX, STEPS_SPANS,
               STEPS_LAMS)
 
-LAMBDA_ONLINE = "online"  # RoundStart.lam: the edge estimates λ* per step (protocol.zo.online_lambda)
+LAMBDA_ONLINE: Final = "online"  # λ = "online": each step estimates its own λ* (protocol.zo.Lambda)
 
 # ---- auth ----------------------------------------------------------------------------------------
 NONCE_SIZE = 32

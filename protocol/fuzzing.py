@@ -20,7 +20,7 @@ from typing import Any
 import msgpack
 import numpy as np
 
-from protocol.constants import DEFAULT_LIMITS, EXT_NDARRAY, Limits
+from protocol.constants import DEFAULT_LIMITS, EXT_NDARRAY, LAMBDA_ONLINE, Limits
 from protocol.errors import ProtocolError
 from protocol.messages import decode, encode
 from protocol.samples import sample_messages
@@ -75,7 +75,7 @@ def _random_leaf(rng: np.random.Generator) -> Any:
     if k == 11:
         return int(rng.integers(-(2**40), 2**40))
     if k == 12:
-        return "online"
+        return LAMBDA_ONLINE
     return [0] * int(rng.integers(0, 300))
 
 

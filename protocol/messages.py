@@ -108,7 +108,7 @@ from protocol.schema import (  # noqa: F401 - the schema kit stays importable fr
 )
 from protocol.spec import AdapterSpec
 from protocol.steps import StepsT, step_records_from_wire, step_records_to_wire  # noqa: F401
-from protocol.zo import StepRecord
+from protocol.zo import Lambda, StepRecord
 
 # ================================================================================================
 # messages
@@ -223,7 +223,7 @@ class RoundStart(Message):
     :class:`~protocol.codecs.EncodedArray` of shape (d,), ``base_round`` = -1).
     ``theta_digest``: :func:`theta_digest` of θ_round after reconstruction ("" = unchecked).
     ``guidance``: this round's Q / g_B / α (None: plain MeZO). ``lam``: rectification weight λ ∈ [0, 1] or
-    ``"online"`` (the edge estimates λ* per step; needs g_B). ``deadline``: unix time the upload is due.
+    LAMBDA_ONLINE (the edge estimates λ* per step; needs g_B; protocol.zo.Lambda). ``deadline``: unix time the upload is due.
     ``guidance_id``: with ``guidance`` None, the round's guidance is the one the client prefetched
     (:class:`GuidanceNext`) and listed in ``RoundRequest.guide_ids``; with ``guidance`` set, its id.
     """
@@ -235,7 +235,7 @@ class RoundStart(Message):
     theta_digest: str = wf(StrT(MAX_ID_LEN), default="")
     guidance: Guidance | None = wf(OptT(NestedT(Guidance)), default=None)
     guidance_id: str = wf(StrT(MAX_ID_LEN), default="")
-    lam: float | str = wf(LamT(), default=0.0)
+    lam: Lambda = wf(LamT(), default=0.0)
     hyper: Hyper = wf(NestedT(Hyper))
     deadline: float = wf(FloatT(0.0))
 

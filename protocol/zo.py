@@ -10,13 +10,33 @@ from __future__ import annotations
 import math
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
+from typing import Literal
 
 import numpy as np
+
+from protocol.constants import LAMBDA_ONLINE
 
 GUIDE_KINDS = ("guided", "subspace")
 # Adam in c-space (round v2): k numbers of first and second moment, restarted every round on both sides.
 SUBSPACE_BETAS = (0.9, 0.999)
 SUBSPACE_ADAM_EPS = 1e-8
+
+# λ, the rectification weight on g_B, as guide.toml ([train] lam), the edge (ZOConfig) and RoundStart.lam carry
+# it: a fixed weight in [0, 1], or LAMBDA_ONLINE, where every step estimates its own λ* (:func:`online_lambda`) and
+# records it in its StepRecord (whose lam is always the float used). A stored round plan keeps λ as one float,
+# −1 for LAMBDA_ONLINE (cloud.aggregate.lam_to_plan / lam_from_plan, the only two conversions).
+Lambda = float | Literal["online"]
+
+
+def check_lambda(lam: object) -> Lambda:
+    """``lam`` as a :data:`Lambda`, or ValueError saying what λ may be."""
+    if isinstance(lam, str):
+        if lam != LAMBDA_ONLINE:
+            raise ValueError(f"lam must be a number in [0, 1] or {LAMBDA_ONLINE!r}, got {lam!r}")
+        return LAMBDA_ONLINE
+    if not 0.0 <= float(lam) <= 1.0:
+        raise ValueError(f"lam must be in [0, 1], got {lam}")
+    return lam
 
 
 @dataclass(frozen=True)

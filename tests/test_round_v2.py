@@ -224,6 +224,32 @@ def test_guide_serve_with_a_model_warm_starts_and_leads_with_a_subspace(tmp_path
         srv.store.close()
 
 
+def test_online_lambda_is_minus_one_in_a_plan_and_online_to_the_edges():
+    from cloud.aggregate import PLAN_LAM_ONLINE, lam_from_plan, lam_to_plan
+    from cloud.config import TrainConfig
+    from cloud.engine import round_start
+    from protocol.constants import LAMBDA_ONLINE
+
+    # Prepare: a guided round with a cloud gradient and λ = "online"
+    rng = np.random.default_rng(0)
+    guide = Guide(orthonormal_basis(list(rng.standard_normal((2, SPEC.d)))), 0.5,
+                  rng.standard_normal(SPEC.d).astype(np.float32), "guided")
+    train = TrainConfig(kind="guided", k=2, lam="online")
+    # Execute
+    plan = plan_round(round_id=0, theta=SPEC.flatten(SPEC.init(0)), guidance=None, guide=guide, basis_id="b",
+                      train=train, total_rounds=1)
+    wire = WireGuidance.from_guide(guide, "fp32", "fp32")
+    rs = round_start(plan, spec=SPEC, train=train, guidance=wire, deadline=0.0)
+    # Assert
+    assert plan.lam == PLAN_LAM_ONLINE == -1.0 and rs.lam == LAMBDA_ONLINE
+    assert decode(encode(rs)).lam == LAMBDA_ONLINE
+    assert [lam_from_plan(lam_to_plan(x)) for x in (0.0, 0.3, LAMBDA_ONLINE)] == [0.0, 0.3, LAMBDA_ONLINE]
+    with pytest.raises(ValueError, match="lam must be a number in \\[0, 1\\] or 'online', got 'offline'"):
+        TrainConfig(kind="guided", lam="offline")
+    with pytest.raises(ValueError, match="lam must be in \\[0, 1\\], got 1.5"):
+        TrainConfig(kind="guided", lam=1.5)
+
+
 def test_settings_of_the_other_kind_are_refused_not_ignored():
     with pytest.raises(ValueError, match=r"\['lam'\] apply to kind = 'guided' only"):
         GuideConfig.from_dict({"train": {"kind": "subspace", "lam": 0.7}})

@@ -235,7 +235,7 @@ def arm_train_config(arm: str, cfg: StudyConfig):
     return {
         "edgezo": TrainConfig(kind="subspace", k=cfg.k, local_steps=cfg.local_steps, q=1, batch=cfg.batch,
                               lr=cfg.edgezo_lr, decay=cfg.edgezo_decay),
-        "guided": TrainConfig(kind="guided", k=4, alpha=0.5, lam=cfg.lam, lr=cfg.guided_lr, eps=1e-3,
+        "guided": TrainConfig(kind="guided", k=4, mix_alpha=0.5, lam=cfg.lam, lr=cfg.guided_lr, eps=1e-3,
                               precondition="adam", guide_batches=1, local_steps=cfg.local_steps, q=1, batch=cfg.batch),
         "fedkseed": TrainConfig(kind="guided", guided=False, lr=cfg.mezo_lr, eps=cfg.mezo_eps,
                                 local_steps=cfg.local_steps, q=1, batch=cfg.batch),
@@ -286,7 +286,7 @@ def run_zo_arm(arm: str, seed: int, cfg: StudyConfig, out: Path, gguf: str) -> d
 
         batches = data["public"].batches(cfg.batch)
         source = GuidanceBuilder(grad_fn=lambda th, b: scorer.gradient(th, *batches[b]),
-                                 config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, alpha=tc.alpha,
+                                 config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, mix_alpha=tc.mix_alpha,
                                                        precondition=tc.precondition),
                                  rng=np.random.default_rng(seed), n_batches=len(batches))
     slices = {"pooled": data["pooled"]} if arm.startswith("mezo") else {f"c{i}": s for i, s in

@@ -77,13 +77,19 @@ def _only_f32(out_type: str | None, what: str) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    """CLI handler: 0 on success, 2 with a message on a ConvertError."""
+    """CLI handler: 0 on success, 2 with one line on a ConvertError or an OS error (permissions, a full disk, a
+    file where a folder should be). Outputs are written to a temporary name and renamed (convert.atomic), so a
+    failed conversion leaves no partial file and an existing output untouched."""
     from convert.errors import ConvertError
 
     try:
         out = convert(args.src, args.dst, args.type, args.base)
     except ConvertError as e:
         print(f"edgezo convert: error: {e}", file=sys.stderr)
+        return 2
+    except OSError as e:  # strerror + the path it concerns, never a traceback
+        where = f": {e.filename}" if getattr(e, "filename", None) else ""
+        print(f"edgezo convert: error: {e.strerror or e}{where}", file=sys.stderr)
         return 2
     print(f"wrote {out}")
     return 0

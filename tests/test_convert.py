@@ -446,3 +446,19 @@ def test_half_precision_gguf_stays_close(tiny_llama_dir: Path, tmp_path: Path, o
     # Assert: half the F32 file, logits within the format's rounding
     assert path.stat().st_size < 0.6 * 14.7e6
     assert np.abs(got - ref).max() < tol
+
+
+def test_os_errors_are_one_line_and_leave_nothing_behind(tiny_llama_gguf: Path, tmp_path: Path, capsys) -> None:
+    """A file where the output's folder should be (root ignores permission bits, so this is the OS error a test
+    can cause on any machine): exit 2, one line naming the path, no traceback, the file untouched."""
+    # Prepare
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_bytes(b"keep me")
+    # Execute
+    code = edgezo(["convert", str(tiny_llama_gguf), str(blocker / "out.gguf"), "--type", "q8_0"])
+    err = capsys.readouterr().err
+    # Assert
+    assert code == 2
+    assert err.strip().count("\n") == 0 and err.startswith("edgezo convert: error:") and str(blocker) in err, err
+    assert "Traceback" not in err
+    assert blocker.read_bytes() == b"keep me" and leftovers(tmp_path) == []

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -176,6 +177,12 @@ def cmd_train(args: argparse.Namespace) -> int:
     if args.val_fraction is not None and not 0.0 < args.val_fraction < 1.0:
         return _fail(f"--val-fraction must be between 0 and 1 (exclusive), got {args.val_fraction}")
     want_val = bool(args.val_data) or args.val_fraction is not None
+    if args.out is not None:  # before any training: a run must never end on an output it cannot write
+        folder = Path(args.out).resolve().parent
+        if not folder.is_dir():
+            return _fail(f"--out {args.out}: the folder {folder} does not exist (create it first)")
+        if not os.access(folder, os.W_OK):
+            return _fail(f"--out {args.out}: the folder {folder} is not writable")
     try:
         rt, task = _build(args)
         rows = _rows(args, args.data, task)
@@ -186,9 +193,9 @@ def cmd_train(args: argparse.Namespace) -> int:
             train_rows, eval_rows = shuffle_split(rows, args.seed, args.eval_fraction)
         val_rows = []
         if task.kind != "classification" or args.guide:
-            if want_val:
+            if want_val:  # refused, not ignored: an accepted flag must act
                 why = "classification only" if task.kind != "classification" else "not done in --guide mode"
-                print(f"edgezo: calibration is {why}; --val-data/--val-fraction ignored", file=sys.stderr)
+                return _fail(f"calibration is {why}: drop --val-data/--val-fraction")
         elif args.val_data:
             val_rows = _rows(args, args.val_data, task)
         elif args.val_fraction is not None:  # carved from the training rows: disjoint from train and eval

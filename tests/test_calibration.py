@@ -164,6 +164,19 @@ def test_train_cli_rejects_bad_val_flags(tmp_path, extra, msg):
     assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("edgezo: error:")
 
 
+@pytest.mark.parametrize("out, msg", [
+    ("missing-folder/o.gguf", "does not exist (create it first)"),
+    ("a-file/o.gguf", "does not exist (create it first)"),
+])
+def test_train_cli_refuses_an_output_it_cannot_write_before_training(tmp_path, out, msg):
+    """Checked before the model is even loaded (it does not exist here): hours of steps never end on a bad --out."""
+    (tmp_path / "a-file").write_text("not a folder")
+    r = _cli("train", "--model", tmp_path / "m.gguf", "--data", tmp_path / "d.csv", "--steps", 1, "--out", tmp_path / out)
+    assert r.returncode == 2 and msg in r.stderr, r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and r.stderr.startswith("edgezo: error:")
+    assert (tmp_path / "a-file").read_text() == "not a folder"
+
+
 def test_eval_cli_bad_calibration_is_one_line(tmp_path):
     (tmp_path / "c.json").write_text("{nope")
     r = _cli("eval", "--model", tmp_path / "m.gguf", "--data", tmp_path / "d.csv", "--calibration", tmp_path / "c.json")

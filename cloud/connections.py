@@ -24,6 +24,11 @@ from protocol.messages import (
 )
 
 HANDSHAKE_MAX_FRAME = 4096
+# Pre-encoded frames (RoundStart: θ and the guidance, MBs) go out in slices of this size with a drain between them:
+# a TLS transport encrypts (and buffers) whatever it is handed at once, so one write of the whole frame to every
+# selected client would hold the event loop for the round's whole downlink (uploads and acks of the clients
+# served first wait behind it) and buffer every client's encrypted copy (GBs at 1,000 clients).
+WRITE_SLICE = 1 << 18
 
 
 class StatusNeedsToken(AuthError):
@@ -34,6 +39,19 @@ class _Refuse(Exception):
     def __init__(self, code: str, message: str) -> None:
         super().__init__(message)
         self.code = code
+
+
+async def write_sliced(writer: asyncio.StreamWriter, frame: bytes, timeout: float) -> None:
+    """Write ``frame`` in :data:`WRITE_SLICE` slices, draining after each (other connections' reads, commits and
+    acks run in between; at most about a slice per connection is buffered), the whole within ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    view = memoryview(frame)
+    for i in range(0, len(view), WRITE_SLICE):
+        writer.write(view[i:i + WRITE_SLICE])
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise asyncio.TimeoutError
+        await asyncio.wait_for(writer.drain(), left)
 
 
 class ConnectionsMixin:
@@ -122,6 +140,7 @@ class ConnectionsMixin:
                     if fatal:
                         return
                     continue
+                t_msg = time.perf_counter()
                 try:
                     reply = await self._reply(client, msg)
                 except _Refuse as e:
@@ -135,10 +154,11 @@ class ConnectionsMixin:
                     self.stats["refused"] += 1
                     self.log("refused", client=client, code="refused", error=reply.reason)
                 if isinstance(reply, bytes):  # a pre-encoded frame
-                    writer.write(reply)
-                    await asyncio.wait_for(writer.drain(), s.io_timeout_s)
+                    await write_sliced(writer, reply, s.io_timeout_s)
                 else:
                     await write_frame(writer, reply, timeout=s.io_timeout_s)
+                if isinstance(reply, Ack) and reply.accepted:  # the guide's share of the ack latency
+                    self.timings["ack"].append(time.perf_counter() - t_msg)
                 if errors >= s.max_errors:
                     return
         except ProtocolError as e:  # handshake framing problems, write timeouts

@@ -61,6 +61,8 @@ from protocol.messages import (
 from protocol.spec import AdapterSpec
 from protocol.zo import Guide, orthonormal_basis
 
+LAG_PROBE_S = 0.02  # the event-loop lag probe's period (GuideServer._watch_loop)
+
 
 class GuidanceSource(Protocol):
     def submit(self, theta: np.ndarray, round_id: int) -> cf.Future[Guidance]: ...
@@ -159,12 +161,15 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._last: tuple[RoundPlan, np.ndarray | None] | None = None  # the last closed round's plan and c-space move
         self.authn = Authenticator(config.tokens)
         self.bytes = _new_bytes()  # the open round's
+        # the open round's service times (UploadsMixin._timings_summary) and event-loop lag (_watch_loop)
+        self.timings: dict[str, list[float]] = {"commit": [], "ack": [], "loop_lag": []}
         self.last_bytes: dict[str, int] = {}  # the last closed round's byte summary
         self._t0 = time.time()
         self._inflight: dict[str, asyncio.Future] = {}
         self._flushing = False
         self._server: asyncio.base_events.Server | None = None
         self._loop_task: asyncio.Task | None = None
+        self._lag_task: asyncio.Task | None = None
         self._stopped: asyncio.Event | None = None
         self._conns: set[asyncio.Task] = set()
         self.stats = {"uploads": 0, "refused": 0, "auth_failed": 0, "malformed": 0, "examples_capped": 0,
@@ -202,6 +207,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._server = await asyncio.start_server(self._handle, s.host, s.port, limit=1 << 16, ssl=tls)
         self.log("listening", host=s.host, port=self.port, round=self.round_id, d=self.spec.d, tls=tls is not None)
         self._loop_task = asyncio.create_task(self._round_loop())
+        self._lag_task = asyncio.create_task(self._watch_loop())
 
     def _resume(self) -> None:
         """Read state back: the open round with its committed uploads, or θ of the next round."""
@@ -235,6 +241,15 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         else:
             self.store.save_theta(0, self.theta)
 
+    async def _watch_loop(self, every: float = LAG_PROBE_S) -> None:
+        """While a round is open, how late a timer fires (``loop_lag_ms`` in round_closed): how long the event loop
+        was busy with something else, e.g. the TLS of the RoundStarts, when a client's upload or ack was due."""
+        while True:
+            t = time.perf_counter()
+            await asyncio.sleep(every)
+            if self.phase is Phase.OPEN:
+                self.timings["loop_lag"].append(max(0.0, time.perf_counter() - t - every))
+
     async def _db(self, fn: Callable, *args: Any) -> Any:
         """Run a Store call on the single store thread (SQLite is used from that thread only)."""
         return await asyncio.get_running_loop().run_in_executor(self._db_pool, fn, *args)
@@ -250,9 +265,10 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.log("stopping", round=self.round_id)
         if self._server is not None:
             self._server.close()
-        if self._loop_task is not None:
-            self._loop_task.cancel()
-            await asyncio.gather(self._loop_task, return_exceptions=True)
+        for t in (self._loop_task, self._lag_task):
+            if t is not None:
+                t.cancel()
+                await asyncio.gather(t, return_exceptions=True)
         for t in list(self._conns):
             t.cancel()
         await asyncio.gather(*self._conns, return_exceptions=True)
@@ -334,6 +350,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._wire_guidance = wire_g
         self._round_frames = {}
         self.bytes = _new_bytes()
+        self.timings = {"commit": [], "ack": [], "loop_lag": []}
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
                  basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss, kind=tc.kind if tc.guided else "none",
@@ -382,7 +399,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.log("round_closed", round=plan.round_id, uploads=len(uploads), selected=len(self.selected),
                  public_loss=pub, client_loss=client_loss,
                  delta_norm=float(np.linalg.norm(theta_next - plan.theta)), merge_s=round(merge_s, 3),
-                 **self._bytes_summary())
+                 **self._bytes_summary(), **self._timings_summary())
         self.last_bytes = self._bytes_summary()
         self.theta = theta_next
         self.round_id += 1

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import time
 
 import numpy as np
 
@@ -52,6 +53,18 @@ class UploadsMixin:
             self._flushing = False
 
 
+    def _timings_summary(self) -> dict[str, dict[str, float]]:
+        """The open round's service times in ms (p50 / p99 / max): ``commit_ms`` from an accepted Update handed to
+        the store to its COMMIT, ``ack_ms`` from the decoded Update to its Ack written and drained (the guide's
+        share of a client's ack latency; the network and the client's own loop add the rest)."""
+        out = {}
+        for name, xs in self.timings.items():
+            if xs:
+                a = np.asarray(xs) * 1e3
+                out[f"{name}_ms"] = {"p50": round(float(np.percentile(a, 50)), 2),
+                                     "p99": round(float(np.percentile(a, 99)), 2), "max": round(float(a.max()), 2)}
+        return out
+
     def _bytes_summary(self) -> dict[str, int]:
         """Bytes of the current round each way: totals, per RoundStart sent and per Update received, and how many
         RoundStarts carried θ as replay records (moves since the client's θ) or dense."""
@@ -82,6 +95,7 @@ class UploadsMixin:
         self._log_capped(client, msg, up)
         fut = asyncio.get_running_loop().create_future()
         self._inflight[client] = fut  # reserved before the await: a concurrent duplicate waits for this commit
+        t_commit = time.perf_counter()
         try:
             await self._commit(up)
             fut.set_result(None)
@@ -92,6 +106,7 @@ class UploadsMixin:
         finally:
             self._inflight.pop(client, None)
         self.uploaded.add(client)  # committed: only now may it be acknowledged or counted
+        self.timings["commit"].append(time.perf_counter() - t_commit)
         self._digests[client] = upload_digest(up)
         self.stats["uploads"] += 1
         size = len(encode(msg, validate=False))  # the frame's size (msgpack encoding is canonical here)

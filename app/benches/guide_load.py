@@ -6,6 +6,13 @@ round, uploads valid (seed, g) records for it and waits for the ack; the ack lat
 first byte of the upload to the ack. Bounded: R rounds, then every client says bye; a global timeout stops
 everything regardless.
 
+Like edge/client.py, a client names the θ and guidance it holds when it asks for a round (``--cold``: nothing), so
+after round 0 a subspace round's θ comes as k numbers. The static guidance repeats its basis, so it goes by id after
+round 0; a real guide's basis changes each round and its k·d bytes go out by prefetch while the edges train. The
+clients share one process (and here the cores) with the daemon: ``client_loop_lag_ms`` is how late their own event
+loop ran, part of every measured ack latency; the daemon's share is in ``rounds_closed`` (``guide_ack_ms``: decoded
+Update to Ack written, ``guide_commit_ms``, ``guide_loop_lag_ms``).
+
     edgezo bench guide-load --clients 500 --rounds 3 --json out.json
     python bench/guide_load.py --clients 500 --rounds 3 --json out.json
 """
@@ -28,6 +35,7 @@ import numpy as np
 
 from app.benches._args import int_range, positive_float
 from protocol.auth import client_handshake, client_ssl_context
+from protocol.codecs import EncodedArray
 from protocol.framing import read_frame, write_frame
 from protocol.messages import Ack, Bye, LossStats, RoundRequest, RoundStart, Update
 from protocol.zo import Group, StepRecord
@@ -42,28 +50,37 @@ def _free_port() -> int:
 
 
 async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
-                  rng: np.random.Generator, counters: dict, tls) -> None:
+                  rng: np.random.Generator, counters: dict, tls, cold: bool = False) -> None:
+    """One simulated edge. Like edge/client.py it asks for each round naming the θ it holds (the digest of its last
+    round's θ) and the guidance ids it decoded, so the guide may send θ as the moves since then and the guidance by
+    id; ``cold``: it holds nothing, every RoundStart carries θ dense and the guidance in full."""
     name = f"sim{i:05d}"
+    held_round, held_digest, guide_ids = -1, "", []
     r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1" if tls else None)
     try:
         await client_handshake(r, w, name, token, timeout=60)
         done = 0
         while done < rounds:
-            await write_frame(w, RoundRequest(last_round=done - 1))
+            await write_frame(w, RoundRequest() if cold else RoundRequest(
+                last_round=held_round, theta_digest=held_digest, guide_ids=guide_ids[-4:]))
             m = await read_frame(r, timeout=120, idle_timeout=120)
             if isinstance(m, Bye):
                 break
             if not isinstance(m, RoundStart):
                 continue
-            m.theta.decode()  # what a real edge does with θ (and the guide): decode it
+            if isinstance(m.theta, EncodedArray):  # what a real edge does with dense θ (and the guide): decode it
+                m.theta.decode()
             if m.guidance is not None:
                 m.guidance.to_guide()
+            held_round, held_digest = m.round_id, m.theta_digest  # (a real edge rebuilds θ from the moves first)
+            if m.guidance_id and m.guidance_id not in guide_ids:
+                guide_ids.append(m.guidance_id)
             recs = [StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, q, dtype=np.uint64),
                                              grads=(0.01 * rng.standard_normal(q)).astype(np.float32))])
                     for _ in range(steps)]
             up = Update(round_id=m.round_id, client_id=name, steps=recs, first_step=m.hyper.first_step,
                         n_examples=16, loss=LossStats(mean=0.5, min=0.5, max=0.5, last=0.5),
-                        guide_id=m.guidance.guide_id if m.guidance is not None else "")
+                        guide_id=m.guidance_id)
             t0 = time.perf_counter()
             counters["first"] = min(counters.get("first", t0), t0)
             n_up = await write_frame(w, up)
@@ -72,6 +89,7 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
             t1 = time.perf_counter()
             if isinstance(a, Ack) and a.accepted:
                 lat.append(t1 - t0)
+                counters.setdefault("by_round", {}).setdefault(m.round_id, []).append(t1 - t0)
                 counters["last"] = max(counters.get("last", t1), t1)
             else:
                 counters["refused"] = counters.get("refused", 0) + 1
@@ -123,12 +141,23 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, 
     t0 = time.perf_counter()
     tls = None if args.insecure else client_ssl_context(args.cert)
     tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
-                                           np.random.default_rng(rng.integers(2**32)), counters, tls))
+                                           np.random.default_rng(rng.integers(2**32)), counters, tls, args.cold))
              for i in range(args.clients)]
+    lags: list[float] = []
+
+    async def loop_lag():  # the simulated clients' own event loop: time it spent busy when an ack was due
+        while not stop.is_set():
+            t = time.perf_counter()
+            await asyncio.sleep(0.02)
+            lags.append(max(0.0, time.perf_counter() - t - 0.02))
+
+    lagger = asyncio.ensure_future(loop_lag())
     res = await asyncio.wait_for(asyncio.gather(*tasks, return_exceptions=True), args.timeout)
     wall = time.perf_counter() - t0
     stop.set()
     await sampler
+    await lagger
+    lag_ms = np.array(lags or [0.0]) * 1e3
     errors = [repr(e) for e in res if isinstance(e, BaseException)]
     lat_ms = np.array(lat) * 1e3
     span = counters.get("last", 0) - counters.get("first", 0)
@@ -142,8 +171,13 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, 
         "ack_latency_ms": {"p50": round(float(np.percentile(lat_ms, 50)), 2),
                            "p99": round(float(np.percentile(lat_ms, 99)), 2),
                            "max": round(float(lat_ms.max()), 2)} if lat else None,
+        "ack_latency_ms_by_round": {str(r): {"p50": round(float(np.percentile(x, 50)) * 1e3, 2),
+                                             "p99": round(float(np.percentile(x, 99)) * 1e3, 2)}
+                                    for r, x in sorted(counters.get("by_round", {}).items())},
         "daemon_rss_mb": {"idle": round(rss_idle / 2**20, 1), "peak": round(peak[0] / 2**20, 1)},
         "up_bytes_per_update": counters.get("up_bytes", 0) // max(1, len(lat)),
+        "client_loop_lag_ms": {"p50": round(float(np.percentile(lag_ms, 50)), 2),
+                               "p99": round(float(np.percentile(lag_ms, 99)), 2), "max": round(float(lag_ms.max()), 2)},
     }
 
 
@@ -168,6 +202,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--json", default=None, help="write the results here")
     ap.add_argument("--insecure", action="store_true", help="plaintext TCP instead of TLS (the default)")
+    ap.add_argument("--cold", action="store_true",
+                    help="clients hold nothing between rounds: θ dense and the guidance in full in every RoundStart")
+    ap.add_argument("--note", default="", help="a note stored with the results (e.g. what else the machine ran)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -180,6 +217,7 @@ def run(args: argparse.Namespace) -> int:
         import psutil  # noqa: F401  (the daemon's RSS is read from outside)
     except ModuleNotFoundError:
         raise MissingExtra("bench guide-load needs psutil (psutil is missing): pip install psutil") from None
+    load_start = [round(x, 2) for x in os.getloadavg()] if hasattr(os, "getloadavg") else None
     tmp = Path(tempfile.mkdtemp(prefix="guide_load_"))
     port = _free_port()
     tokens = {f"sim{i:05d}": f"tok-{i:05d}-{os.urandom(6).hex()}" for i in range(args.clients)}
@@ -216,7 +254,9 @@ def run(args: argparse.Namespace) -> int:
         out["rounds_closed"] = [{"round": c["round"], "uploads": c["uploads"], "merge_s": c.get("merge_s"),
                                  "down_bytes": c.get("down_bytes"),
                                  "down_bytes_per_client": c.get("down_bytes_per_client"),
-                                 "up_bytes": c.get("up_bytes"), "up_bytes_per_upload": c.get("up_bytes_per_upload")}
+                                 "up_bytes": c.get("up_bytes"), "up_bytes_per_upload": c.get("up_bytes_per_upload"),
+                                 "guide_commit_ms": c.get("commit_ms"), "guide_ack_ms": c.get("ack_ms"),
+                                 "guide_loop_lag_ms": c.get("loop_lag_ms")}
                                 for c in closed]
         opened = {json.loads(x)["round"]: json.loads(x)["ts"] for x in lines if '"round_open"' in x}
         out["aggregate_s"] = [round(c["ts"] - opened.get(c["round"], c["ts"]), 2) for c in closed]
@@ -235,7 +275,10 @@ def run(args: argparse.Namespace) -> int:
         if not ok:
             print(f"guide-load: the daemon's config and logs are kept in {tmp}", file=sys.stderr)
     out["daemon_exit"] = out_rc
-    out["cpu"] = {"count": os.cpu_count()}
+    out["cpu"] = {"count": os.cpu_count(), "loadavg_start": load_start}
+    out["client_mode"] = "cold" if args.cold else "edge"
+    if args.note:
+        out["note"] = args.note
     print(json.dumps(out, indent=1))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)

@@ -180,7 +180,9 @@ def markdown(recs: dict, cfg: dict, rss: dict, images: list[str]) -> str:
     if "edgezo" in s and "bytes" in s["edgezo"]:
         b = s["edgezo"]["bytes"]
         tail += [f"Bytes per round per client, edgezo: down {b['down_per_client'] / 1e6:.2f} MB (θ fp32 + U q8), "
-                 f"up {b['up_per_client']:.0f} B ((seed, g) records).", ""]
+                 f"up {b['up_per_client']:.0f} B ((seed, g) records), as the study counts them: θ dense every "
+                 "round. The guide daemon now sends θ as the merge's c-space move when the edge holds the previous "
+                 "round (k float64s): see docs/bench/wire_bytes.json.", ""]
     tail += ["## Plots", ""] + [f"![{i}]({i})" for i in images] + [""]
     return "\n".join(head + rows + tail)
 

@@ -62,6 +62,7 @@ from protocol.spec import AdapterSpec
 from protocol.zo import Guide, orthonormal_basis
 
 LAG_PROBE_S = 0.02  # the event-loop lag probe's period (GuideServer._watch_loop)
+LAG_SAMPLES_MAX = 200_000  # probes kept per round (about 70 min of an open round; a long round keeps its first ones)
 
 
 class GuidanceSource(Protocol):
@@ -247,8 +248,9 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         while True:
             t = time.perf_counter()
             await asyncio.sleep(every)
-            if self.phase is Phase.OPEN:
-                self.timings["loop_lag"].append(max(0.0, time.perf_counter() - t - every))
+            lags = self.timings["loop_lag"]
+            if self.phase is Phase.OPEN and len(lags) < LAG_SAMPLES_MAX:
+                lags.append(max(0.0, time.perf_counter() - t - every))
 
     async def _db(self, fn: Callable, *args: Any) -> Any:
         """Run a Store call on the single store thread (SQLite is used from that thread only)."""

@@ -50,7 +50,7 @@ def _free_port() -> int:
 
 
 async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
-                  rng: np.random.Generator, counters: dict, tls, cold: bool = False) -> None:
+                  rng: np.random.Generator, counters: dict, tls, cold: bool = False, io_s: float = 120.0) -> None:
     """One simulated edge. Like edge/client.py it asks for each round naming the θ it holds (the digest of its last
     round's θ) and the guidance ids it decoded, so the guide may send θ as the moves since then and the guidance by
     id; ``cold``: it holds nothing, every RoundStart carries θ dense and the guidance in full."""
@@ -63,7 +63,7 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
         while done < rounds:
             await write_frame(w, RoundRequest() if cold else RoundRequest(
                 last_round=held_round, theta_digest=held_digest, guide_ids=guide_ids[-4:]))
-            m = await read_frame(r, timeout=120, idle_timeout=120)
+            m = await read_frame(r, timeout=io_s, idle_timeout=io_s)
             if isinstance(m, Bye):
                 break
             if not isinstance(m, RoundStart):
@@ -85,7 +85,7 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
             counters["first"] = min(counters.get("first", t0), t0)
             n_up = await write_frame(w, up)
             counters["up_bytes"] = counters.get("up_bytes", 0) + n_up
-            a = await read_frame(r, timeout=120, idle_timeout=120)
+            a = await read_frame(r, timeout=io_s, idle_timeout=io_s)
             t1 = time.perf_counter()
             if isinstance(a, Ack) and a.accepted:
                 lat.append(t1 - t0)
@@ -141,7 +141,8 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, 
     t0 = time.perf_counter()
     tls = None if args.insecure else client_ssl_context(args.cert)
     tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
-                                           np.random.default_rng(rng.integers(2**32)), counters, tls, args.cold))
+                                           np.random.default_rng(rng.integers(2**32)), counters, tls, args.cold,
+                                           max(120.0, args.timeout)))
              for i in range(args.clients)]
     lags: list[float] = []
 
@@ -222,6 +223,7 @@ def run(args: argparse.Namespace) -> int:
     port = _free_port()
     tokens = {f"sim{i:05d}": f"tok-{i:05d}-{os.urandom(6).hex()}" for i in range(args.clients)}
     cfg = tmp / "guide.toml"
+    io_s = max(120.0, args.timeout)  # the guide's round deadline and frame timeouts: a big round on busy cores is slow
     if args.insecure:
         server_tls = "insecure = true\n"
     else:
@@ -232,8 +234,8 @@ def run(args: argparse.Namespace) -> int:
         server_tls = f'tls_cert = "{cert}"\ntls_key = "{key}"\n'
     cfg.write_text(
         f'[server]\nhost = "127.0.0.1"\nport = {port}\nstate_dir = "{tmp / "state"}"\nlog_file = "{tmp / "guide.jsonl"}"\n'
-        f'long_poll_s = 60.0\n' + server_tls + f'[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
-        f'max_clients = {args.clients}\ndeadline_s = 120.0\njoin_window_s = 0.0\n'
+        f'long_poll_s = 60.0\nio_timeout_s = {io_s}\n' + server_tls + f'[rounds]\nrounds = {args.rounds}\nmin_clients = {args.clients}\n'
+        f'max_clients = {args.clients}\ndeadline_s = {io_s}\njoin_window_s = 0.0\n'
         f'[train]\nlocal_steps = {args.steps}\nq = {args.q}\nk = 4\n[clients.tokens]\n'
         + "".join(f'{k} = "{v}"\n' for k, v in tokens.items()))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p))

@@ -251,17 +251,28 @@ def spec_for(model, *, rank: int, alpha: float, targets: Sequence[str], layers: 
                        layers=tuple(layers), train=train)
 
 
-def build_cloud(*, model_path: str, device: str, rank: int, alpha: float, targets: Sequence[str],
-                layers: Sequence[int], train: str, init_seed: int, public, batch: int, guidance_config,
-                rng: np.random.Generator, task: ClassificationTask | None = None):
-    """(spec, θ0, GuidanceBuilder, scorer) for a base model and a public :class:`cloud.data.Slice`."""
-    from cloud.guidance import GuidanceBuilder
-
+def build_scorer(*, model_path: str, device: str, rank: int, alpha: float, targets: Sequence[str],
+                 layers: Sequence[int], train: str, init_seed: int, task: ClassificationTask | None = None):
+    """(spec, TorchScorer) for a base model: what every rank of a data-parallel guide builds alike."""
     model, tok = load_base(model_path, device=device or None)
     spec = spec_for(model, rank=rank, alpha=alpha, targets=targets, layers=layers, train=train)
     lora = LoRAModel(model=model, spec=spec, init_seed=init_seed)
-    scorer = TorchScorer(lora=lora, tokenizer=tok, task=task or ClassificationTask())
+    return spec, TorchScorer(lora=lora, tokenizer=tok, task=task or ClassificationTask())
+
+
+def build_cloud(*, model_path: str, device: str, rank: int, alpha: float, targets: Sequence[str],
+                layers: Sequence[int], train: str, init_seed: int, public, batch: int, guidance_config,
+                rng: np.random.Generator, task: ClassificationTask | None = None, wrap=None):
+    """(spec, θ0, GuidanceBuilder, scorer) for a base model and a public :class:`cloud.data.Slice`. ``wrap``
+    (e.g. :class:`cloud.distributed.LeaderScorer`) wraps the scorer before anything uses its gradient."""
+    from cloud.guidance import GuidanceBuilder
+
+    spec, scorer = build_scorer(model_path=model_path, device=device, rank=rank, alpha=alpha, targets=targets,
+                                layers=layers, train=train, init_seed=init_seed, task=task)
+    theta0 = scorer.lora.get_theta()
+    if wrap is not None:
+        scorer = wrap(scorer)
     batches = public.batches(batch)
     builder = GuidanceBuilder(grad_fn=lambda th, b: scorer.gradient(th, *batches[b]), config=guidance_config,
                               rng=rng, n_batches=len(batches))
-    return spec, lora.get_theta(), builder, scorer
+    return spec, theta0, builder, scorer

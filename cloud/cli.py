@@ -77,20 +77,79 @@ def lead_config(cfg):
                       k=cfg.train.k, trajectory=c.trajectory)
 
 
-def build_source(cfg, *, dims: str | None = None) -> tuple:
+def _model_kwargs(cfg) -> dict:
+    """cloud.model.build_scorer's arguments from [model] and [data] (rank 0 and its followers build alike)."""
+    from cloud.public_data import cloud_task
+
+    m = cfg.model
+    return dict(model_path=m.path, device=m.device, rank=m.rank, alpha=m.lora_alpha, targets=m.targets,
+                layers=m.layers, train=m.train, init_seed=m.init_seed, task=cloud_task(cfg.data))
+
+
+def scorer_from_config(cfg):
+    """The TorchScorer a data-parallel follower rank needs (no public data: rank 0 sends each mini-batch)."""
+    import torch
+
+    from cloud.model import build_scorer
+
+    torch.manual_seed(cfg.data.seed)
+    return build_scorer(**_model_kwargs(cfg))[1]
+
+
+def _torch_source(cfg, public, rng, scorer_wrap, events: list) -> tuple:
+    """build_source's torch part: (spec, θ_0, guidance) on the public slice; appends its log events."""
+    from pathlib import Path
+
+    import numpy as np
+
+    from cloud.guidance import GuidanceConfig
+    from cloud.model import build_cloud
+
+    tc = cfg.train
+    spec, theta0, guidance, scorer = build_cloud(**_model_kwargs(cfg), public=public, batch=cfg.data.batch,
+        guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, mix_alpha=tc.mix_alpha,
+                                      precondition=tc.precondition), rng=rng, wrap=scorer_wrap)
+    if scorer_wrap is not None:
+        events.append(("cloud_data_parallel", {"world": getattr(scorer, "world", 1),
+                                               "backend": getattr(scorer, "backend", "")}))
+    if tc.subspace:  # round v2: the cloud leads (warm start, resumable) and sends a subspace each round
+        from cloud.lead import CloudLead
+
+        guidance.close()
+        guidance = CloudLead(scorer=scorer, public=public, config=lead_config(cfg), rng=rng,
+                             state_dir=Path(cfg.server.state_dir) / "cloud")
+        theta0 = guidance.warm_start(theta0)
+        warm = [h["loss"] for h in guidance.history if h["phase"] == "warm"]
+        # what the cloud alone reached before round 0
+        events.append(("cloud_warm_start", {"steps": cfg.cloud.warm_steps,
+                                            "public_loss_first": warm[0] if warm else None,
+                                            "public_loss_last": warm[-1] if warm else None,
+                                            "theta0_norm": float(np.linalg.norm(theta0))}))
+    return spec, theta0, guidance
+
+
+def build_source(cfg, *, dims: str | None = None, scorer_wrap=None) -> tuple:
     """(spec, θ_0, guidance source, log events) for a config, whatever the transport (the TCP daemon, the Flower
     ServerApp): torch guidance when ``[model] path`` is set (round v2: the leading cloud, warm-started), else
     static guidance on ``dims`` ("n_layers,hidden,intermediate,heads,kv_heads"). ``log events``: (event, fields)
-    pairs for the guide's log."""
+    pairs for the guide's log. ``scorer_wrap``: wraps the torch scorer before any gradient (rank 0 of a
+    data-parallel guide: :class:`cloud.distributed.LeaderScorer`); it needs a model."""
     import numpy as np
 
     from cloud.daemon import StaticGuidance
-    from cloud.guidance import GuidanceConfig
     from protocol.spec import AdapterSpec, ModelDims
 
     m, tc = cfg.model, cfg.train
     rng = np.random.default_rng(cfg.data.seed)
     events: list[tuple[str, dict]] = []
+    if scorer_wrap is not None and not m.path:
+        raise ValueError("a data-parallel guide (torchrun) needs a model: set [model] path (the ranks share the "
+                         "cloud's backprop; a model-free guide has none)")
+    if cfg.cloud.ranks > 1 and not m.path:
+        raise ValueError("[cloud] ranks > 1 needs a model: set [model] path (the ranks share the cloud's backprop; "
+                         "a model-free guide has none)")
+    if cfg.cloud.ranks > 1 and scorer_wrap is not None:
+        raise ValueError("[cloud] ranks = N starts its own ranks; under torchrun leave it at 1")
     if m.path:
         from cloud.extras import require_cloud
 
@@ -100,35 +159,31 @@ def build_source(cfg, *, dims: str | None = None) -> tuple:
         import torch
 
         from cloud.data import split
-        from cloud.model import build_cloud
-        from cloud.public_data import cloud_task, load_public
+        from cloud.public_data import load_public
 
         torch.manual_seed(cfg.data.seed)
         data, report = load_public(cfg.data, Path(cfg.server.state_dir) / "datasets-cache")
-        task = cloud_task(cfg.data)
         n = min(cfg.data.public_n, len(data))
         counts = np.bincount(data.labels)
         public = split(data, {"public": n}, rng, balanced=len(counts) == 2 and counts.min() >= n - n // 2)["public"]
-        spec, theta0, guidance, scorer = build_cloud(task=task,
-            model_path=m.path, device=m.device, rank=m.rank, alpha=m.lora_alpha, targets=m.targets,
-            layers=m.layers, train=m.train, init_seed=m.init_seed, public=public, batch=cfg.data.batch,
-            guidance_config=GuidanceConfig(k=tc.k, batches=tc.guide_batches, mix_alpha=tc.mix_alpha,
-                                          precondition=tc.precondition), rng=rng)
+        ranks = None
+        if cfg.cloud.ranks > 1:  # this process is rank 0 of ranks it starts itself (e.g. the Flower ServerApp)
+            from cloud.distributed import LeaderScorer, LocalRanks
+
+            ranks = LocalRanks(cfg.cloud.ranks, _model_kwargs(cfg), cfg.data.seed)
+            scorer_wrap = LeaderScorer
         events.append(("public_data", {**report, "used": len(public), "template": cfg.data.template,
                                        "label_words": cfg.data.label_words}))
-        if tc.subspace:  # round v2: the cloud leads (warm start, resumable) and sends a subspace each round
-            from cloud.lead import CloudLead
+        try:
+            spec, theta0, guidance = _torch_source(cfg, public, rng, scorer_wrap, events)
+        except BaseException:
+            if ranks is not None:
+                ranks.close()
+            raise
+        if ranks is not None:
+            from cloud.distributed import WithRanks
 
-            guidance.close()
-            guidance = CloudLead(scorer=scorer, public=public, config=lead_config(cfg), rng=rng,
-                                 state_dir=Path(cfg.server.state_dir) / "cloud")
-            theta0 = guidance.warm_start(theta0)
-            warm = [h["loss"] for h in guidance.history if h["phase"] == "warm"]
-            # what the cloud alone reached before round 0
-            events.append(("cloud_warm_start", {"steps": cfg.cloud.warm_steps,
-                                                "public_loss_first": warm[0] if warm else None,
-                                                "public_loss_last": warm[-1] if warm else None,
-                                                "theta0_norm": float(np.linalg.norm(theta0))}))
+            guidance = WithRanks(guidance, ranks)
     else:
         if not dims:
             raise ValueError("no model configured: give [model] path or --dims for a model-free guide")
@@ -141,11 +196,11 @@ def build_source(cfg, *, dims: str | None = None) -> tuple:
     return spec, theta0, guidance, events
 
 
-def build_server(cfg, *, dims: str | None = None):
+def build_server(cfg, *, dims: str | None = None, scorer_wrap=None):
     """A GuideServer for a config: torch guidance when a model is set, else static guidance on ``dims``."""
     from cloud.daemon import GuideServer
 
-    spec, theta0, guidance, events = build_source(cfg, dims=dims)
+    spec, theta0, guidance, events = build_source(cfg, dims=dims, scorer_wrap=scorer_wrap)
     server = GuideServer(config=cfg, spec=spec, theta0=theta0, guidance=guidance)
     for event, fields in events:
         server.log(event, **fields)
@@ -153,6 +208,39 @@ def build_server(cfg, *, dims: str | None = None):
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
+    import os
+
+    if "RANK" in os.environ and int(os.environ.get("WORLD_SIZE", "1")) > 1:  # cloud.distributed.launched()
+        return _serve_data_parallel(args)
+    return _serve(args)
+
+
+def _serve_data_parallel(args: argparse.Namespace) -> int:
+    """Under torchrun: rank 0 is the daemon, its cloud backprop data parallel over all ranks; the other ranks
+    follow (cloud.distributed). Rank 0 stops the followers however the daemon ends."""
+    from cloud.extras import require_cloud
+
+    require_cloud()
+    from cloud import distributed
+
+    rank, _ = distributed.start()
+    try:
+        if rank == 0:
+            return _serve(args, scorer_wrap=distributed.LeaderScorer)
+        try:
+            scorer = scorer_from_config(_config_from_args(args))
+        except (ValueError, FileNotFoundError, OSError):
+            scorer = None  # rank 0 meets the same error, reports it and stops us
+        n = distributed.follow(scorer)
+        print(f"edgezo: rank {rank}: computed its share of {n} cloud gradients; stopped by rank 0", file=sys.stderr)
+        return 0
+    finally:
+        if rank == 0:
+            distributed.stop_followers()
+        distributed.shutdown()
+
+
+def _serve(args: argparse.Namespace, scorer_wrap=None) -> int:
     from cloud.daemon import serve
 
     try:
@@ -160,7 +248,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
         if not cfg.tokens:
             raise ValueError("no clients configured: add [clients.tokens] to the config or --token CLIENT=TOKEN")
         cfg.server.ssl_context()  # TLS files (or the explicit insecure = true) are checked before any model loads
-        server = build_server(cfg, dims=args.dims)
+        server = build_server(cfg, dims=args.dims, scorer_wrap=scorer_wrap)
     except (ValueError, FileNotFoundError, OSError) as e:
         print(f"edgezo: error: {e}", file=sys.stderr)
         return 2

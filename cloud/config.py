@@ -197,7 +197,9 @@ class CloudConfig:
 
     ``warm_steps`` AdamW steps before round 0 (checkpointed in the state dir, resumable); ``round_steps`` more
     from θ_t each round, with the proximal weight ``prox`` toward θ_t; the subspace holds ``trajectory`` cloud
-    trajectory directions and k − trajectory public gradients at the round's θ.
+    trajectory directions and k − trajectory public gradients at the round's θ. ``ranks`` > 1: the guide starts
+    ranks − 1 local processes and runs that backprop data parallel over them (cloud.distributed.LocalRanks; one
+    host; for the daemon, torchrun is the other way and then ranks stays 1).
     """
 
     warm_steps: int = 40
@@ -206,12 +208,13 @@ class CloudConfig:
     batch: int = 16
     prox: float = 0.0
     trajectory: int = 1
+    ranks: int = 1
 
     def __post_init__(self) -> None:
         # The one validation of these fields: cloud.lead.LeadConfig builds a CloudConfig to check its own.
         import math
 
-        for name in ("warm_steps", "round_steps", "batch", "trajectory"):
+        for name in ("warm_steps", "round_steps", "batch", "trajectory", "ranks"):
             v = getattr(self, name)
             if isinstance(v, bool) or not isinstance(v, int) and not hasattr(v, "__index__"):
                 raise ValueError(f"{name} must be an integer, got {v!r}")
@@ -227,6 +230,8 @@ class CloudConfig:
             raise ValueError(f"prox must be a finite number >= 0, got {self.prox}")
         if self.trajectory < 0:
             raise ValueError(f"trajectory must be in 0..k-1, got {self.trajectory}")
+        if self.ranks < 1:
+            raise ValueError(f"ranks must be >= 1, got {self.ranks}")
 
 
 @dataclass(frozen=True)

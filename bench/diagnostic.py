@@ -192,22 +192,20 @@ def main(argv: list[str] | None = None) -> dict:
     say(f"cloud-only: {args.steps} AdamW steps on {args.public}")
     timing["eval_s"] = time.perf_counter() - t0
 
-    t0 = time.perf_counter()
-    cloud = lead_for(public, cloud_rng)
-    theta_cloud = cloud.warm_start(theta_init)
-    timing["cloud_only_train_s"] = time.perf_counter() - t0
-    arms["cloud_only"] = evaluate(theta_cloud)
-    arms["cloud_only"]["loss_first5"] = float(np.mean([h["loss"] for h in cloud.history[:5]]))
-    arms["cloud_only"]["loss_last5"] = float(np.mean([h["loss"] for h in cloud.history[-5:]]))
+    def adamw_arm(name: str, data, rng):
+        """AdamW from θ_init on ``data``: (its lead, its θ), evaluated and timed under ``name``."""
+        t0 = time.perf_counter()
+        lead = lead_for(data, rng)
+        theta = lead.warm_start(theta_init)
+        timing[f"{name}_train_s"] = time.perf_counter() - t0
+        arms[name] = evaluate(theta)
+        arms[name]["loss_first5"] = float(np.mean([h["loss"] for h in lead.history[:5]]))
+        arms[name]["loss_last5"] = float(np.mean([h["loss"] for h in lead.history[-5:]]))
+        return lead, theta
 
+    cloud, theta_cloud = adamw_arm("cloud_only", public, cloud_rng)
     say(f"private backprop: {args.steps} AdamW steps on {args.private} train")
-    t0 = time.perf_counter()
-    priv = lead_for(train, priv_rng)
-    theta_priv = priv.warm_start(theta_init)
-    timing["private_backprop_train_s"] = time.perf_counter() - t0
-    arms["private_backprop"] = evaluate(theta_priv)
-    arms["private_backprop"]["loss_first5"] = float(np.mean([h["loss"] for h in priv.history[:5]]))
-    arms["private_backprop"]["loss_last5"] = float(np.mean([h["loss"] for h in priv.history[-5:]]))
+    priv, _ = adamw_arm("private_backprop", train, priv_rng)
 
     # ---- gradients at θ_cloud --------------------------------------------------------------------------
     say(f"subspace at θ_cloud (k = {args.k}) and {args.grad_batches} private gradients")

@@ -298,3 +298,24 @@ def test_subspace_merge_in_c_space_equals_the_d_space_sum():
     np.testing.assert_allclose(aggregate(plan, ups), dspace.astype(np.float32), rtol=1e-6, atol=1e-6)
     one = RoundPlan(**{**plan.__dict__, "edge_weight": 1.0})
     assert np.array_equal(aggregate(one, ups[:1]), replay(one.theta, ups[0].steps, one.schedule, guide))
+
+
+def test_a_rejected_step_is_accepted_under_a_fixed_lambda_and_changes_nothing():
+    """An edge that measures a non-finite loss records an empty step with λ = 0 (edge.zo.zo_measure): a no-op on
+    both sides. A guided round with λ fixed at 0.5 must accept it (the study's (c) arm hit this: one diverged
+    client got its whole upload refused); a non-empty step with λ = 0 is still refused."""
+    from cloud.aggregate import RoundPlan, Upload, UploadRefused, aggregate, validate_upload
+    from protocol.zo import Group, StepRecord
+
+    rng = np.random.default_rng(0)
+    q = orthonormal_basis(list(rng.standard_normal((4, SPEC.d)).astype(np.float32)))
+    guide = Guide(q, 0.5, rng.standard_normal(SPEC.d).astype(np.float32) * 1e-3)
+    theta = SPEC.flatten(SPEC.init(0))
+    plan = RoundPlan(round_id=4, basis_id="g", theta=theta, guide=guide, schedule=Schedule(lr=1e-3, eps=1e-3),
+                     lam=0.5, local_steps=1)
+    rejected = Upload(client="c", round_id=4, basis_id="g", steps=[StepRecord(groups=[], lam=0.0)], examples=8)
+    validate_upload(plan, rejected)
+    assert np.array_equal(aggregate(plan, [rejected]), theta)
+    measured = StepRecord(groups=[Group(seeds=np.array([7], np.uint64), grads=np.array([0.1], np.float32))], lam=0.0)
+    with pytest.raises(UploadRefused, match="fixed λ = 0.5"):
+        validate_upload(plan, Upload(client="c", round_id=4, basis_id="g", steps=[measured], examples=8))

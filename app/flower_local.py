@@ -46,6 +46,35 @@ def config_arg(cfg: dict[str, object]) -> str:
     return " ".join(f"{k}={_toml_value(v)}" for k, v in cfg.items())
 
 
+def guide_toml(path: Path, *, state: Path, log: Path, rounds: int, clients: int, port: int = 0,
+               insecure: bool = False, k: int = 8, deadline_s: float = 300.0) -> Path:
+    """A small subspace-round guide.toml for a loopback run (tests, bench/flower_vs_daemon.py): LoRA r2, τ = 2."""
+    server = f'state_dir = "{state}"\nlog_file = "{log}"\n'
+    if insecure:
+        server += f"host = \"127.0.0.1\"\nport = {port}\ninsecure = true\nlong_poll_s = 2.0\n"
+    path.write_text(f"""[server]
+{server}
+[rounds]
+rounds = {rounds}
+min_clients = {clients}
+max_clients = {clients}
+deadline_s = {deadline_s}
+join_window_s = 0.0
+
+[train]
+kind = "subspace"
+k = {k}
+local_steps = 2
+q = 1
+batch = 4
+
+[model]
+rank = 2
+lora_alpha = 4.0
+""")
+    return path
+
+
 class LocalDeployment:
     """SuperLink + SuperNodes on loopback. ``start(node_configs)``, ``run(run_config)``, ``close()`` (or ``with``).
 

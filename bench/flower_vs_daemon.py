@@ -30,7 +30,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from app.flower_local import LocalDeployment, free_port  # noqa: E402
+from app.flower_local import LocalDeployment, free_port, guide_toml  # noqa: E402
 
 WORDS_POS = ["warm", "funny", "clever", "moving", "charming", "superb", "bright", "tender"]
 WORDS_NEG = ["dull", "boring", "silly", "cold", "tedious", "sour", "clumsy", "bleak"]
@@ -47,34 +47,6 @@ def write_rows(path: Path, seed: int, n: int = 24) -> Path:
         w = rng.sample(WORDS_POS if pos else WORDS_NEG, 3)
         lines.append(f'"a {w[0]}, {w[1]} and {w[2]} film",{"positive" if pos else "negative"}')
     path.write_text("\n".join(lines) + "\n")
-    return path
-
-
-def guide_toml(path: Path, *, state: Path, log: Path, rounds: int, clients: int, port: int = 0,
-               insecure: bool = False) -> Path:
-    server = f'state_dir = "{state}"\nlog_file = "{log}"\n'
-    if insecure:
-        server += f"host = \"127.0.0.1\"\nport = {port}\ninsecure = true\nlong_poll_s = 2.0\n"
-    path.write_text(f"""[server]
-{server}
-[rounds]
-rounds = {rounds}
-min_clients = {clients}
-max_clients = {clients}
-deadline_s = 300.0
-join_window_s = 0.0
-
-[train]
-kind = "subspace"
-k = 8
-local_steps = 2
-q = 1
-batch = 4
-
-[model]
-rank = 2
-lora_alpha = 4.0
-""")
     return path
 
 

@@ -33,30 +33,9 @@ def _write_csv(path: Path, pos: list[str], neg: list[str]) -> Path:
 
 
 def _guide_toml(path: Path, state: Path, log: Path, rounds: int) -> Path:
-    path.write_text(f"""
-[server]
-state_dir = "{state}"
-log_file = "{log}"
+    from app.flower_local import guide_toml
 
-[rounds]
-rounds = {rounds}
-min_clients = 2
-max_clients = 2
-deadline_s = 240.0
-join_window_s = 0.0
-
-[train]
-kind = "subspace"
-k = 4
-local_steps = 2
-q = 1
-batch = 4
-
-[model]
-rank = 2
-lora_alpha = 4.0
-""")
-    return path
+    return guide_toml(path, state=state, log=log, rounds=rounds, clients=2, k=4, deadline_s=240.0)
 
 
 def test_frames_travel_in_a_config_record_and_refuse_the_wrong_type():

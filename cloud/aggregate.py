@@ -84,8 +84,7 @@ def validate_upload(plan: RoundPlan, up: Upload, *, max_perturbations: int = 1 <
             raise UploadRefused("step uses λ > 0 but the round sent no cloud gradient")
         if not 0.0 <= st.lam <= 1.0:
             raise UploadRefused(f"λ must be in [0, 1], got {st.lam}")
-        rejected = st.lam == 0.0 and st.n_perturbations == 0  # the edge rejected a non-finite step: a no-op
-        if plan.lam != PLAN_LAM_ONLINE and st.lam != plan.lam and not rejected and not (st.lam == 0.0 and (
+        if plan.lam != PLAN_LAM_ONLINE and st.lam != plan.lam and not st.is_rejected and not (st.lam == 0.0 and (
                 plan.guide is None or plan.guide.grad is None)):
             # λ is the plan's (an "online" plan lets each step report its own estimate)
             raise UploadRefused(f"step uses λ = {st.lam}, round {plan.round_id} fixed λ = {plan.lam}")

@@ -97,7 +97,7 @@ def zo_measure(
             head_tail = (head, tail)
         groups, losses, bad = _measure_split(*head_tail, theta, eps, seeds, cfg, guide, dots)
     if bad:
-        return StepRecord(groups=[], lam=0.0), StepInfo(float("nan"), True, bad, losses)
+        return StepRecord.rejected(), StepInfo(float("nan"), True, bad, losses)
     lam = cfg.lam
     if lam == LAMBDA_ONLINE:
         if guide is None or guide.grad is None:

@@ -170,6 +170,16 @@ class StepRecord:
     def n_perturbations(self) -> int:
         return sum(g.seeds.size for g in self.groups)
 
+    @classmethod
+    def rejected(cls) -> StepRecord:
+        """What an edge records for a step it rejected (a non-finite loss): no perturbation, no λ; a no-op that
+        both sides replay, whatever λ the round fixed."""
+        return cls(groups=[], lam=0.0)
+
+    @property
+    def is_rejected(self) -> bool:
+        return self.n_perturbations == 0 and self.lam == 0.0
+
 
 @dataclass(frozen=True)
 class Schedule:

@@ -70,6 +70,8 @@ class StudyConfig:
     k: int = 16
     edgezo_lr: float | None = None  # None: the product's default for kind "subspace" (cloud.config.KIND_DEFAULTS)
     edgezo_decay: str = "constant"  # the lr schedule on c over the whole run: constant | cosine | linear
+    subspace_rounds: int = 0  # edgezo: rounds >= this run full-space federated MeZO ([train] subspace_rounds; 0 never)
+    edgezo_mezo_lr: float | None = None  # edgezo: the MeZO rounds' lr (None: [train] mezo_lr's default)
     layers: tuple[int, ...] = ()  # LoRA layers (default all); with split_layer <= min(layers): frozen bottom
     split_layer: int | None = None  # the edge's FedSPZO split (frozen bottom when no adapter layer is below it)
     quant: str = "q4_0"
@@ -234,7 +236,9 @@ def arm_train_config(arm: str, cfg: StudyConfig):
     single = cfg.clients * cfg.local_steps  # one device gets the same passes per round as 4 clients
     return {
         "edgezo": TrainConfig(kind="subspace", k=cfg.k, local_steps=cfg.local_steps, q=1, batch=cfg.batch,
-                              lr=cfg.edgezo_lr, decay=cfg.edgezo_decay),
+                              lr=cfg.edgezo_lr, decay=cfg.edgezo_decay, subspace_rounds=cfg.subspace_rounds,
+                              mezo_eps=cfg.mezo_eps,
+                              **({} if cfg.edgezo_mezo_lr is None else {"mezo_lr": cfg.edgezo_mezo_lr})),
         "guided": TrainConfig(kind="guided", k=4, mix_alpha=0.5, lam=cfg.lam, lr=cfg.guided_lr, eps=1e-3,
                               precondition="adam", guide_batches=1, local_steps=cfg.local_steps, q=1, batch=cfg.batch),
         "fedkseed": TrainConfig(kind="guided", guided=False, lr=cfg.mezo_lr, eps=cfg.mezo_eps,
@@ -304,13 +308,14 @@ def run_zo_arm(arm: str, seed: int, cfg: StudyConfig, out: Path, gguf: str) -> d
             if r == cfg.rounds:
                 break
             t0 = time.perf_counter()
+            rtc = tc.at_round(r)  # past [train] subspace_rounds: full-space MeZO, no guidance
             g = guide = wire = None
-            if source is not None:
+            if source is not None and rtc.guided:
                 g = source.guidance(theta, r) if arm == "edgezo" else source.build(theta, r)
                 wire, guide = compress_guidance(g.guide)
             cloud_s += time.perf_counter() - t0
             plan = plan_round(round_id=r, theta=theta, guidance=g, guide=guide,
-                              basis_id=wire.guide_id if wire is not None else "", train=tc, total_rounds=cfg.rounds)
+                              basis_id=wire.guide_id if wire is not None else "", train=rtc, total_rounds=cfg.rounds)
             uploads, theta_next = simulate_round(plan, {n: t for n, (t, _) in trainers.items()}, q=tc.q,
                                                  batch=tc.batch)
             bytes_rows.append(round_bytes(plan, uploads, wire))
@@ -384,6 +389,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--edgezo-lr", type=float, default=None, help="Adam lr on c of the edgezo arm (default 0.05)")
     ap.add_argument("--edgezo-decay", choices=("constant", "cosine", "linear"), default=None,
                     help="the edgezo arm's lr schedule over all rounds (default constant; min 0.1× the lr)")
+    ap.add_argument("--subspace-rounds", type=int, default=None,
+                    help="edgezo: rounds from this one on run full-space federated MeZO (default 0: never)")
+    ap.add_argument("--edgezo-mezo-lr", type=float, default=None, help="edgezo: the lr of those MeZO rounds")
     ap.add_argument("--rss", action="store_true", help="also measure edge vs backprop peak RSS (OUT/rss.json)")
     ap.add_argument("--layers", default=None, help="LoRA layers as FIRST-LAST (default: all)")
     ap.add_argument("--split-layer", type=int, default=None,
@@ -401,7 +409,8 @@ def main(argv: list[str] | None = None) -> int:
     over: dict = {}
     if args.rounds is not None:
         over.update(rounds=args.rounds, eval_rounds=tuple(range(args.rounds + 1)))
-    for name in ("k", "threads", "mezo_lr", "mezo_eps", "edgezo_lr", "edgezo_decay"):
+    for name in ("k", "threads", "mezo_lr", "mezo_eps", "edgezo_lr", "edgezo_decay", "subspace_rounds",
+                 "edgezo_mezo_lr"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
     if args.cloud_max_steps is not None:
@@ -414,9 +423,11 @@ def main(argv: list[str] | None = None) -> int:
         over["layers"] = tuple(range(lo, hi + 1))
     if args.split_layer is not None:
         over["split_layer"] = args.split_layer
-    variant = args.layers or args.split_layer is not None or args.edgezo_lr is not None or args.edgezo_decay
+    variant = (args.layers or args.split_layer is not None or args.edgezo_lr is not None or args.edgezo_decay
+               or args.subspace_rounds is not None or args.edgezo_mezo_lr is not None)
     if variant and not args.tag:
-        ap.error("--layers / --split-layer / --edgezo-lr / --edgezo-decay make a variant: name it with --tag")
+        ap.error("--layers / --split-layer / --edgezo-lr / --edgezo-decay / --subspace-rounds / --edgezo-mezo-lr "
+                 "make a variant: name it with --tag")
     cfg = StudyConfig(**over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

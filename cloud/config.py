@@ -160,6 +160,11 @@ class TrainConfig:
     guided: bool = True  # False: no guidance at all (plain federated MeZO)
     edge_weight: float = 1.0
     split_layer: int = -1  # FedSPZO split at this layer (-1: none); all adapter layers >= it: frozen bottom
+    # subspace only: rounds >= subspace_rounds run full-space federated MeZO at mezo_lr / mezo_eps (0: never).
+    # The subspace delivers its gain in the first rounds, then plateaus (docs/RESULTS_discussion.md).
+    subspace_rounds: int = 0
+    mezo_lr: float = 1e-4  # the warm-start MeZO lr picked on private validation (bench/convergence.py, arm b)
+    mezo_eps: float = 1e-2  # MeZO's ε on these quantized losses (bench/zo_linearity.py)
     p1: int = SPLIT_P1  # split: block-1 perturbations per step
     p2: int = SPLIT_P2  # split: block-2 perturbations per block-1 one
 
@@ -185,10 +190,25 @@ class TrainConfig:
                              f"{self.split_layer}, {self.p1}, {self.p2}")
         if not 0.0 <= self.edge_weight <= 4.0:
             raise ValueError(f"edge_weight must be in [0, 4], got {self.edge_weight}")
+        if isinstance(self.subspace_rounds, bool) or not isinstance(self.subspace_rounds, int) \
+                or self.subspace_rounds < 0:
+            raise ValueError(f"subspace_rounds must be an integer >= 0 (0: every round), got {self.subspace_rounds!r}")
+        if self.subspace_rounds and not (self.guided and self.kind == "subspace"):
+            raise ValueError("subspace_rounds switches a subspace run to full-space MeZO: it needs kind 'subspace'")
+        if not (self.mezo_lr >= 0.0 and self.mezo_eps > 0.0):
+            raise ValueError(f"need mezo_lr >= 0 and mezo_eps > 0, got {self.mezo_lr}, {self.mezo_eps}")
 
     @property
     def subspace(self) -> bool:
         return self.guided and self.kind == "subspace"
+
+    def at_round(self, round_id: int) -> TrainConfig:
+        """What round ``round_id`` runs: this config, or past ``subspace_rounds`` plain full-space MeZO (no
+        guidance, ``mezo_lr`` / ``mezo_eps``). A pure function of the config and the round, so every transport
+        and every replay agrees on it."""
+        if not self.subspace_rounds or round_id < self.subspace_rounds:
+            return self
+        return dataclasses.replace(self, guided=False, lr=self.mezo_lr, eps=self.mezo_eps, subspace_rounds=0)
 
 
 @dataclass(frozen=True)
@@ -385,6 +405,9 @@ class GuideConfig:
                 raise ValueError(f"[train]: {unused} apply to kind = 'guided' only (this guide uses 'subspace')")
         elif d.get("cloud"):
             raise ValueError("[cloud] configures the leading cloud of kind = 'subspace'; this guide uses 'guided'")
+        idle = sorted({"mezo_lr", "mezo_eps"} & set(train_sect))
+        if idle and not parts["train"].subspace_rounds:
+            raise ValueError(f"[train]: {idle} set the MeZO rounds after subspace_rounds, which is 0 (never)")
         clients = dict(d.get("clients", {}))
         tokens = {str(k): str(v) for k, v in dict(clients.get("tokens", {})).items()}
         bad = set(d) - {"server", "rounds", "train", "model", "data", "cloud", "wire", "clients"}

@@ -285,24 +285,27 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
     async def _guidance_result(self, fut: cf.Future[Guidance]) -> Guidance:
         return await asyncio.wrap_future(fut)
 
+    def _submit(self, round_id: int) -> cf.Future[Guidance] | None:
+        """Ask the source for round ``round_id``'s guidance at θ, or None for a round that runs without any
+        ([train] subspace_rounds passed: full-space MeZO, nothing for the cloud to build)."""
+        if not self.cfg.train.at_round(round_id).guided:
+            return None
+        return self.guidance.submit(self.theta, round_id)
+
     async def _round_loop(self) -> None:
         rc = self.cfg.rounds
         try:
-            if self.plan is None:
-                cur = self.guidance.submit(self.theta, self.round_id)
-            else:
-                cur = None
+            cur = self._submit(self.round_id) if self.plan is None else None
             # A pipelined source builds round t+1's guidance at θ_t while round t runs; one that leads (cloud
             # steps, a subspace at θ_{t+1}) needs the merge first, so it is asked after each round closes.
             pipelined = getattr(self.guidance, "pipelined", True)
             while rc.rounds == 0 or self.round_id < rc.rounds:
                 if self.plan is None:
                     if cur is None:
-                        cur = self.guidance.submit(self.theta, self.round_id)
-                    g = await self._guidance_result(cur)
-                    await self._open_round(g)
+                        cur = self._submit(self.round_id)
+                    await self._open_round(None if cur is None else await self._guidance_result(cur))
                 if pipelined:
-                    self._next = self.guidance.submit(self.theta, self.round_id)
+                    self._next = self._submit(self.round_id + 1)
                     self._next_round = self.round_id + 1
                 await self._await_round_end()
                 cur = self._next if pipelined else None
@@ -318,8 +321,8 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
             self.log("round_loop_failed", error=f"{type(e).__name__}: {e}")
             asyncio.get_running_loop().call_soon(lambda: asyncio.ensure_future(self.stop()))
 
-    async def _open_round(self, g: Guidance) -> None:
-        rc, tc = self.cfg.rounds, self.cfg.train
+    async def _open_round(self, g: Guidance | None) -> None:
+        rc, tc = self.cfg.rounds, self.cfg.train.at_round(self.round_id)
         while len(self.waiting) < rc.min_clients:
             self._waiting_changed.clear()
             await self._waiting_changed.wait()
@@ -355,11 +358,12 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.timings = {"commit": [], "ack": [], "loop_lag": []}
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
-                 basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss, kind=tc.kind if tc.guided else "none",
+                 basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss if g is not None else math.nan,
+                 kind=tc.kind if tc.guided else "none",
                  cloud_step_norm=float(np.linalg.norm(cloud_start - self.theta)), theta_form=ws.form,
                  **({"theta_wire_error": float(np.linalg.norm(ws.carry)) if ws.carry is not None else 0.0}
                     if ws.form == "delta" else {}),
-                 **({"cloud": g.info} if g.info else {}))
+                 **({"cloud": g.info} if g is not None and g.info else {}))
         for c in selected:
             fut = self.waiting.pop(c, None)
             if fut is not None and not fut.done():

@@ -89,8 +89,8 @@ class DownlinkMixin:
         key = (by_ref, base)
         if key not in self._round_frames:
             wire_g = self._round_wire_guidance()
-            msg = round_start(p, spec=self.spec, train=self.cfg.train, guidance=wire_g, deadline=self.deadline,
-                              by_ref=by_ref, theta=moves, base_round=base)
+            msg = round_start(p, spec=self.spec, train=self.cfg.train.at_round(p.round_id), guidance=wire_g,
+                              deadline=self.deadline, by_ref=by_ref, theta=moves, base_round=base)
             self._round_frames[key] = encode(msg)
             g_bytes = 0 if wire_g is None or by_ref else wire_g.basis.nbytes + (wire_g.grad.nbytes if wire_g.grad else 0)
             t_bytes = field_bytes(msg.theta)
@@ -107,7 +107,7 @@ class DownlinkMixin:
         """Round ``msg.round_id``'s guidance as soon as it is built (long poll), for clients to prefetch while
         they train; ``ready=False`` when it is not built within the poll window or is not the next round's."""
         rid = msg.round_id
-        if not self.cfg.train.guided:
+        if not self.cfg.train.at_round(rid).guided:
             return GuidanceNext(round_id=rid, ready=True, guidance=None)
         if self.plan is not None and rid == self.plan.round_id:
             wire = self._round_wire_guidance()

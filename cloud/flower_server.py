@@ -75,10 +75,10 @@ class EdgezoStrategy(Strategy):
         """Round ``server_round - 1``: guidance at θ_t, the plan (stored before anyone hears of it), the sample of
         connected nodes, and one Flower message per selected node carrying the encoded RoundStart."""
         rid = server_round - 1
-        rc, tc = self.cfg.rounds, self.cfg.train
+        rc, tc = self.cfg.rounds, self.cfg.train.at_round(rid)
         t0 = time.time()
         nodes = self._wait_for_nodes(grid)
-        g = self.guidance.submit(self.theta, rid).result()
+        g = self.guidance.submit(self.theta, rid).result() if tc.guided else None
         # Compress once; the plan keeps the DECODED guide, so the edges and the replay use the same bits.
         wire_g = compress_guidance(g.guide, self.cfg.wire.codec())[0] if tc.guided else None
         guide = wire_g.to_guide() if wire_g is not None else None
@@ -97,7 +97,7 @@ class EdgezoStrategy(Strategy):
         self.log("round_open", round=rid, selected=sorted(self.selected.values()), nodes=len(nodes),
                  basis=plan.basis_id, kind=tc.kind if tc.guided else "none", round_start_bytes=down,
                  cloud_step_norm=float(np.linalg.norm(plan.theta - self.theta)), transport="flower",
-                 **({"cloud": g.info} if g.info else {}))
+                 **({"cloud": g.info} if g is not None and g.info else {}))
         # ttl = the deadline: a message no node picked up in time expires at the SuperLink instead of running late
         return [Message(RecordDict({RECORD: ConfigRecord(dict(entry))}), dst_node_id=n,
                         message_type=MessageType.TRAIN, group_id=str(rid), ttl=rc.deadline_s) for n in chosen]

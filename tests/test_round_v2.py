@@ -319,3 +319,42 @@ def test_a_rejected_step_is_accepted_under_a_fixed_lambda_and_changes_nothing():
     measured = StepRecord(groups=[Group(seeds=np.array([7], np.uint64), grads=np.array([0.1], np.float32))], lam=0.0)
     with pytest.raises(UploadRefused, match="fixed λ = 0.5"):
         validate_upload(plan, Upload(client="c", round_id=4, basis_id="g", steps=[measured], examples=8))
+
+
+def test_subspace_rounds_switch_the_run_to_full_space_mezo_on_both_sides(tmp_path):
+    """[train] subspace_rounds = 1: round 0 searches the cloud's subspace, round 1 is plain full-space MeZO at
+    mezo_lr / mezo_eps with no guidance sent; the stored plans replay both rounds to the daemon's θ."""
+    train = {"kind": "subspace", "k": 8, "local_steps": 3, "q": 2, "subspace_rounds": 1, "mezo_lr": 2e-3,
+             "mezo_eps": 5e-3}
+    cfg, src, _, trainers = _run_daemon(tmp_path, train, leading=True, rounds=2)
+    seen = trainers["c0"].seen
+    assert [(s["kind"], s["k"], s["lr"], s["eps"]) for s in seen] == [("subspace", 8, 0.05, 0.1),
+                                                                      (None, 0, 2e-3, 5e-3)]
+    store = Store(root=tmp_path / "state")
+    try:
+        plans = [store.load_plan(r) for r in (0, 1)]
+        thetas = [store.load_theta(r) for r in (1, 2)]
+        uploads = [store.uploads(r) for r in (0, 1)]
+    finally:
+        store.close()
+    assert plans[0].guide is not None and plans[0].guide.subspace and plans[1].guide is None
+    # round 1 starts from θ_1 itself: the leading cloud is not asked for a round that takes no guidance
+    assert np.array_equal(plans[1].theta, thetas[0])
+    for plan, ups, theta in zip(plans, uploads, thetas, strict=True):
+        assert len(ups) == 2 and np.array_equal(merge(plan, ups), theta)
+    assert not np.array_equal(thetas[1], thetas[0])  # the MeZO round moved θ off the round-0 subspace
+    assert cfg.train.at_round(0) is cfg.train and not cfg.train.at_round(5).guided
+
+
+def test_subspace_rounds_settings_are_checked_and_never_idle():
+    with pytest.raises(ValueError, match="subspace_rounds must be an integer >= 0"):
+        GuideConfig.from_dict({"train": {"subspace_rounds": -1}})
+    with pytest.raises(ValueError, match="needs kind 'subspace'"):
+        GuideConfig.from_dict({"train": {"kind": "guided", "subspace_rounds": 3}})
+    with pytest.raises(ValueError, match=r"\['mezo_lr'\] set the MeZO rounds after subspace_rounds, which is 0"):
+        GuideConfig.from_dict({"train": {"mezo_lr": 1e-3}})
+    with pytest.raises(ValueError, match="need mezo_lr >= 0 and mezo_eps > 0"):
+        GuideConfig.from_dict({"train": {"subspace_rounds": 2, "mezo_eps": 0.0}})
+    tc = GuideConfig.from_dict({"train": {"subspace_rounds": 2}}).train
+    assert [tc.at_round(r).subspace for r in range(4)] == [True, True, False, False]
+    assert (tc.at_round(2).lr, tc.at_round(2).eps) == (tc.mezo_lr, tc.mezo_eps)

@@ -39,6 +39,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 ARMS = ("edgezo", "cloud_only", "backprop", "mezo_warm", "mezo", "guided", "fedkseed")
 FEDERATED = ("edgezo", "guided", "fedkseed")
+# Every committed run sent U / Q and g_B as q8 (the guide's default until [wire] guidance became "adaptive" with U
+# at cloud.config.BASIS_TARGET); kept so that new seeds stay comparable with the committed ones.
+STUDY_GUIDANCE_CODEC = ("q8", "q8")
 
 
 @dataclass(frozen=True)
@@ -312,7 +315,7 @@ def run_zo_arm(arm: str, seed: int, cfg: StudyConfig, out: Path, gguf: str) -> d
             g = guide = wire = None
             if source is not None and rtc.guided:
                 g = source.guidance(theta, r) if arm == "edgezo" else source.build(theta, r)
-                wire, guide = compress_guidance(g.guide)
+                wire, guide = compress_guidance(g.guide, STUDY_GUIDANCE_CODEC)
             cloud_s += time.perf_counter() - t0
             plan = plan_round(round_id=r, theta=theta, guidance=g, guide=guide,
                               basis_id=wire.guide_id if wire is not None else "", train=rtc, total_rounds=cfg.rounds)

@@ -34,7 +34,7 @@ from cloud.aggregate import (
     lam_to_plan,
     validate_upload,
 )
-from cloud.config import TrainConfig
+from cloud.config import TrainConfig, WireConfig
 from cloud.guidance import Guidance
 from protocol import codecs
 from protocol.errors import SchemaError
@@ -43,13 +43,11 @@ from protocol.messages import Hyper, RoundStart, ThetaReplay, Update, theta_dige
 from protocol.spec import AdapterSpec
 from protocol.zo import Guide, Schedule
 
-GUIDANCE_CODEC = "q8"  # what the guide sends Q / U and g_B as (the plan keeps the decoded arrays)
 
-
-def compress_guidance(guide: Guide, codec=(GUIDANCE_CODEC, GUIDANCE_CODEC)) -> tuple[WireGuidance, Guide]:
+def compress_guidance(guide: Guide, codec=None) -> tuple[WireGuidance, Guide]:
     """(wire form, decoded guide): edges and the replay both use the decoded bits, so replay stays exact.
-    ``codec``: (basis, gradient) codecs, guide.toml ``[wire]`` (cloud.config.WireConfig.codec)."""
-    wire = WireGuidance.from_guide(guide, *codec)
+    ``codec``: (basis, gradient) codecs, guide.toml ``[wire]`` (cloud.config.WireConfig.codec); None: its default."""
+    wire = WireGuidance.from_guide(guide, *(WireConfig().codec() if codec is None else codec))
     return wire, wire.to_guide()
 
 

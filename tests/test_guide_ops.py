@@ -362,7 +362,7 @@ def test_public_data_that_does_not_match_the_task_is_refused(tmp_path):
 
 
 def test_wire_section_sets_the_guidance_codec_and_replay_stays_exact(tmp_path):
-    """[wire] guidance = "adaptive" (mode A target / mode B budget) changes the bytes a round sends; the client's
+    """[wire] guidance (adaptive by default, mode A target / mode B budget, or a fixed codec) changes the bytes a round sends; the client's
     θ after the round equals the guide's θ_1 (one client, edge_weight 1), i.e. both used the decoded bits."""
     import json
 
@@ -393,16 +393,18 @@ def test_wire_section_sets_the_guidance_codec_and_replay_stays_exact(tmp_path):
         theta1 = srv.store.load_theta(1)
         return frames[0]["guidance_bytes"], theta_client, theta1
 
-    q8, tc_q8, t1_q8 = run("q8")
-    a, tc_a, t1_a = run("a", guidance="adaptive", target=0.2)
+    a, tc_a, t1_a = run("default")  # adaptive, the basis at BASIS_TARGET
+    q8, tc_q8, t1_q8 = run("q8", guidance="q8")
+    fine, _, _ = run("fine", guidance="adaptive", target=0.02)
     f32, _, _ = run("f32", guidance="fp32")
-    assert a < q8 < f32
+    assert a < q8 < f32 and a < fine
+    assert WireConfig().guidance == "adaptive"
     np.testing.assert_array_equal(tc_q8, t1_q8)
     np.testing.assert_array_equal(tc_a, t1_a)
     with pytest.raises(ValueError, match=r"\[wire\] theta must be one of \['fp32', 'adaptive'\], got 'q8'"):
         WireConfig(theta="q8")
     with pytest.raises(ValueError, match="apply to guidance = 'adaptive'"):
-        WireConfig(target=0.1)
+        WireConfig(guidance="q8", target=0.1)
     with pytest.raises(ValueError, match="unknown keys"):
         GuideConfig.from_dict({"wire": {"guidence": "q8"}})
 

@@ -244,7 +244,9 @@ def test_adaptive_theta_the_plan_is_the_decoded_theta_and_stays_near_the_fp32_ru
     N rounds θ stays within the target of the fp32 run. Dense fp32 for the same rounds is 4 bytes per number."""
     rounds, target = 4, 0.02
     runs = {}
-    for name, wire in (("f32", {}), ("ada", {"theta": "adaptive", "target": target})):
+    # the guidance goes fp32 in both runs, so the only difference is how θ travels
+    for name, wire in (("f32", {"guidance": "fp32"}), ("ada", {"guidance": "fp32", "theta": "adaptive",
+                                                               "target": target})):
         trainers = _run(tmp_path / name, rounds=rounds, source=_Rotating(d=SPEC.d, k=4, step=0.05), wire=wire)
         runs[name] = (trainers, *_stored(tmp_path / name, rounds))
     trainers, plans, thetas, uploads = runs["ada"]

@@ -11,9 +11,11 @@ AdamW step of it; ``--basis gaussian`` replaces U by an orthonormal Gaussian bas
 Rows (downlink = one RoundStart carrying the round's guidance; uplink = one Update of local_steps × q records):
 
 * ``fp32``: θ dense float32 + U float32 (the uncompressed wire).
-* ``q8``: θ dense + U q8 (the guide's default before ``[wire] guidance = "adaptive"``).
-* ``adaptive_replay``: U adaptive at the default target (mode A, 0.02) + θ as the previous round's c-space move
-  (k float64 numbers): a subspace round with ``[cloud] round_steps = 0``, the default, to an edge that trained in it.
+* ``q8``: θ dense + U q8 (the guide's default until ``[wire] guidance = "adaptive"`` became it).
+* ``adaptive_replay``: U adaptive at its default (mode A, ``cloud.config.BASIS_TARGET``) + θ as the previous
+  round's c-space move
+  (k float64 numbers): a subspace round with ``[cloud] round_steps = 0``, the default, to an edge that trained in
+  it. This is what ``guide serve`` sends by default.
 * ``adaptive_dense``: the same U + θ dense: an edge that missed the previous round.
 * ``adaptive_delta``: the same U + θ as an adaptive delta (``[wire] theta = "adaptive"``, default target): a round
   after the cloud's own AdamW step, which no exact record reaches.
@@ -159,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--local-steps", type=int, default=5)
     p.add_argument("--q", type=int, default=2)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--targets", default="0.05,0.1,0.15,0.2",
+    p.add_argument("--targets", default="0.02,0.05,0.1,0.15",
                    help="more mode-A targets for U, comma-separated (the replay-θ row at each)")
     p.add_argument("--basis-cache", default="", help="an .npz to keep U and θ in (reused when present: no model run)")
     p.add_argument("--json", default="")

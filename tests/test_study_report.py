@@ -70,3 +70,17 @@ def test_report_without_records_is_one_clear_error(tmp_path, capsys):
     with pytest.raises(SystemExit) as e:
         rep.main(["--runs", str(tmp_path), "--out", str(tmp_path)])
     assert e.value.code == 2 and "no study records" in capsys.readouterr().err
+
+
+def test_a_named_variant_is_an_arm_with_its_own_targets_and_others_are_left_out(tmp_path):
+    runs = _write(tmp_path, [_zo("edgezo", 0, [0.7, 0.8, 0.85]), _zo("mezo_warm", 0, [0.8, 0.81, 0.86]),
+                             _torch("cloud_only", 0, 0.86), _torch("backprop", 0, 0.93)])
+    (runs / "variants").mkdir()
+    for tag, accs in (("sw3", [0.7, 0.8, 0.9]), ("cos", [0.7, 0.5, 0.5])):
+        (runs / "variants" / f"edgezo-{tag}-s0.json").write_text(json.dumps(_zo("edgezo", 0, accs)))
+    recs, _, _ = rep.load(runs)
+    assert sorted(recs) == ["backprop", "cloud_only", "edgezo", "edgezo-sw3", "mezo_warm"]
+    s = rep.summary(recs)
+    assert s["edgezo-sw3"]["acc_calibrated@2000"][0] == pytest.approx(0.91)
+    lines = "\n".join(rep.targets(s, recs, 2000, "edgezo-sw3"))
+    assert "(d′) ≥ (b) + 2 points (at 2,000) | 91.0 vs 87.0 (+4.0) | met" in lines

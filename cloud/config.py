@@ -167,6 +167,8 @@ class TrainConfig:
     mezo_eps: float = 1e-2  # MeZO's ε on these quantized losses (bench/zo_linearity.py)
     p1: int = SPLIT_P1  # split: block-1 perturbations per step
     p2: int = SPLIT_P2  # split: block-2 perturbations per block-1 one
+    # full-space rounds: perturbation seeds from a pool of this many per round, FedKSeed; 0 = off
+    seed_pool: int = 0
 
     def __post_init__(self) -> None:
         if self.kind not in KIND_DEFAULTS:
@@ -197,6 +199,9 @@ class TrainConfig:
             raise ValueError("subspace_rounds switches a subspace run to full-space MeZO: it needs kind 'subspace'")
         if not (self.mezo_lr >= 0.0 and self.mezo_eps > 0.0):
             raise ValueError(f"need mezo_lr >= 0 and mezo_eps > 0, got {self.mezo_lr}, {self.mezo_eps}")
+        if isinstance(self.seed_pool, bool) or not isinstance(self.seed_pool, int) \
+                or not 0 <= self.seed_pool <= 1 << 24:
+            raise ValueError(f"seed_pool must be an integer in [0, 2**24] (0: off), got {self.seed_pool!r}")
 
     @property
     def subspace(self) -> bool:

@@ -77,6 +77,13 @@ def plan_round(*, round_id: int, theta: np.ndarray, guidance: Guidance | None, g
                      edge_weight=train.edge_weight)
 
 
+def round_seed_pool(plan: RoundPlan, seed_pool: int) -> int:
+    """The seed pool the round's edges draw from: ``seed_pool`` for a full-space round (MeZO or guided kind, whose
+    merge then generates at most that many directions per span, cloud.aggregate.seed_pool_delta), 0 for a
+    subspace round (merged in c-space whatever its seeds)."""
+    return 0 if plan.guide is not None and plan.guide.subspace else int(seed_pool)
+
+
 def round_start(plan: RoundPlan, *, spec: AdapterSpec, train: TrainConfig, guidance: WireGuidance | None,
                 deadline: float, by_ref: bool = False, theta: ThetaReplay | None = None,
                 base_round: int = -1) -> RoundStart:
@@ -90,7 +97,8 @@ def round_start(plan: RoundPlan, *, spec: AdapterSpec, train: TrainConfig, guida
         theta_digest=theta_digest(plan.theta), guidance=None if by_ref else guidance,
         guidance_id=guidance.guide_id if guidance is not None else "", lam=lam_from_plan(plan.lam),
         hyper=Hyper(schedule=plan.schedule, q=train.q, local_steps=plan.local_steps, batch_size=train.batch,
-                    first_step=plan.first_step, split_layer=train.split_layer, p1=train.p1, p2=train.p2),
+                    first_step=plan.first_step, split_layer=train.split_layer, p1=train.p1, p2=train.p2,
+                    seed_pool=round_seed_pool(plan, train.seed_pool)),
         deadline=deadline)
 
 
@@ -129,18 +137,20 @@ def merge_move(plan: RoundPlan, uploads: Sequence[Upload]) -> tuple[np.ndarray, 
 
 
 def simulate_round(plan: RoundPlan, trainers: Mapping[str, Any], *, q: int, batch: int,
-                   seed_base: int = 0) -> tuple[list[Upload], np.ndarray]:
+                   seed_base: int = 0, seed_pool: int = 0) -> tuple[list[Upload], np.ndarray]:
     """One round in process (demo, study): every trainer runs the plan, uploads are validated, then merged.
 
     ``trainers`` map client names to objects with the edge client's ``train_round`` (edge.client.LocalTrainer);
     the daemon's TCP path hands the same arguments to the same method and merges with the same function.
+    ``seed_pool``: FedKSeed's shared seeds for a full-space round (:func:`round_seed_pool`; 0: fresh seeds).
     """
     uploads = []
     lam = lam_from_plan(plan.lam)
     for name in sorted(trainers):
         res = trainers[name].train_round(theta=plan.theta, guide=plan.guide, schedule=plan.schedule, lam=lam,
                                          local_steps=plan.local_steps, first_step=plan.first_step,
-                                         hyper={"q": q, "batch": batch, "seed_base": seed_base})
+                                         hyper={"q": q, "batch": batch, "seed_base": seed_base,
+                                                "seed_pool": round_seed_pool(plan, seed_pool)})
         up = Upload(client=name, round_id=plan.round_id, basis_id=plan.basis_id, steps=res.steps,
                     examples=res.examples, loss_before=res.loss_before, loss_after=res.loss_after)
         validate_upload(plan, up)

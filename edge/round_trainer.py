@@ -61,13 +61,14 @@ class FunctionTrainer:
     def train_round(self, *, theta: np.ndarray, guide: Guide | None, schedule: Schedule, lam: Lambda,
                     local_steps: int, first_step: int, hyper: dict) -> RoundResult:
         q = int(hyper.get("q", self.q))
+        pool = int(hyper.get("seed_pool") or 0)  # FedKSeed: seeds from the round's shared pool (base: first_step)
         th = np.array(theta, np.float32, copy=True)
         vel = np.zeros_like(th) if schedule.momentum else None
         sub = SubspaceState(th, guide) if guide is not None and guide.subspace else None
         steps, losses = [], []
         for i in range(local_steps):
             t = first_step + i
-            seeds = step_seeds(self.seed, t, q)
+            seeds = step_seeds(self.seed, t, q, pool, first_step)
             rec, info = zo_measure(lambda x, t=t: self.loss_fn(x, t), th, schedule.eps_at(t), seeds,
                                    ZOConfig(q=q, lam=0.0 if sub is not None else lam), guide)
             if sub is not None:
@@ -152,7 +153,8 @@ def train_round_start(trainer: LocalTrainer, rs: RoundStart, theta: np.ndarray, 
     return trainer.train_round(theta=theta, guide=guide, schedule=h.schedule, lam=rs.lam, local_steps=h.local_steps,
                                first_step=h.first_step,
                                hyper={"q": h.q, "batch": h.batch_size, "seed_base": h.seed_base,
-                                      "split_layer": h.split_layer, "p1": h.p1, "p2": h.p2})
+                                      "split_layer": h.split_layer, "p1": h.p1, "p2": h.p2,
+                                      "seed_pool": h.seed_pool})
 
 
 def round_update(rs: RoundStart, res: RoundResult, *, client_id: str, guide_id: str, duration_s: float) -> Update:

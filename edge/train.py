@@ -102,6 +102,7 @@ class Trainer:
         self.rejected = 0
         self.subspace: SubspaceState | None = None  # c-space state of the current subspace round
         self.batch_size, self.seed_base = cfg.batch_size, 0
+        self.seed_pool, self.pool_base = 0, 0  # FedKSeed pool of the current round (0: fresh seeds)
         self._splitters: dict[int, SplitRunner] = {}
         self._states: dict[tuple[int, ...], np.ndarray] = {}  # frozen-bottom: captured states per example
         self._states_bytes = 0
@@ -201,7 +202,7 @@ class Trainer:
             if self.subspace is None or self.subspace.guide is not guide:
                 self.subspace = SubspaceState(self.theta, guide)
         n_seeds = cfg.q if cfg.split is None else cfg.p1 * (1 + cfg.p2)
-        seeds = step_seeds(self.seed_base or self.cfg.seed, t, n_seeds)
+        seeds = step_seeds(self.seed_base or self.cfg.seed, t, n_seeds, self.seed_pool, self.pool_base)
         head_tail = self._head_tail(batch) if self.mode == "split" and cfg.split is not None else None
         record, info = zo_measure(lambda th: self.loss_at(th, batch), self.theta, self.schedule.eps_at(t), seeds, cfg,
                                   guide, head_tail)
@@ -239,8 +240,9 @@ class Trainer:
     def begin_round(self, theta: np.ndarray, schedule: Schedule, first_step: int, hyper: dict | None = None) -> None:
         """Start a federated round: θ_t, the round's schedule and its global step index (what replay uses).
 
-        ``hyper`` (the round's ``Hyper``): q, batch, seed_base and the split (split_layer < 0: none; p1, p2)
-        replace this trainer's own settings for the round; a key left out keeps the trainer's value.
+        ``hyper`` (the round's ``Hyper``): q, batch, seed_base, seed_pool and the split (split_layer < 0: none;
+        p1, p2) replace this trainer's own settings for the round; a key left out keeps the trainer's value. The
+        round's seed pool (if any) is drawn from ``first_step``, shared by every client of the round.
         """
         if hyper:
             split = hyper.get("split_layer", self.cfg.split_layer)
@@ -249,6 +251,8 @@ class Trainer:
                            p1=int(hyper.get("p1") or self.cfg.p1), p2=int(hyper.get("p2") or self.cfg.p2))
             self.batch_size = int(hyper.get("batch") or self.batch_size)
             self.seed_base = int(hyper.get("seed_base") or 0)
+            self.seed_pool = int(hyper.get("seed_pool") or 0)
+        self.pool_base = int(first_step)
         self.schedule = schedule
         self.velocity = np.zeros_like(self.theta) if schedule.momentum else None
         self.set_theta(theta, first_step)

@@ -45,9 +45,23 @@ class StepInfo:
     losses: list[float] = field(default_factory=list)
 
 
-def step_seeds(seed: int, step: int, n: int) -> np.ndarray:
-    """n perturbation seeds of step ``step``: a pure function of (run seed, step), so resume is exact."""
+def pool_seeds(base: int, idx: np.ndarray) -> np.ndarray:
+    """The seeds at positions ``idx`` of the pool of ``base`` (uint64 in [0, 2^63)): a pure function of
+    (base, index), so every client of a round (base = its ``first_step``) draws from the same pool (FedKSeed)."""
+    idx = np.asarray(idx, np.int64).reshape(-1)
+    table = {j: np.random.SeedSequence([int(base), j, 0x9001]).generate_state(1, np.uint64)[0] >> np.uint64(1)
+             for j in set(idx.tolist())}
+    return np.array([table[j] for j in idx.tolist()], np.uint64)
+
+
+def step_seeds(seed: int, step: int, n: int, pool: int = 0, pool_base: int = 0) -> np.ndarray:
+    """n perturbation seeds of step ``step``: a pure function of (run seed, step), so resume is exact.
+
+    ``pool`` K > 0: the seeds are n draws (with replacement) from the round's pool of K shared seeds
+    (:func:`pool_seeds` of ``pool_base``), so the guide's merge generates at most K directions per span."""
     rng = np.random.Generator(np.random.PCG64(np.random.SeedSequence([seed, step, 0x5A0])))
+    if pool > 0:
+        return pool_seeds(pool_base, rng.integers(0, pool, size=n))
     return rng.integers(0, 2**63, size=n, dtype=np.uint64)
 
 

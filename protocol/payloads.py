@@ -111,7 +111,10 @@ class Hyper:
     """Hyper-parameters of a round. ``schedule``: lr/ε/momentum schedule (t = ``first_step`` + local step);
     ``q``: perturbations per step; ``local_steps``: τ; ``batch_size``: examples per loss;
     ``split_layer``/``p1``/``p2``: FedSPZO split (-1: no split); ``seed_base``: the edge draws its seeds
-    from a counter starting here (the cloud gives clients disjoint ranges)."""
+    from a counter starting here (the cloud gives clients disjoint ranges); ``seed_pool``: 0 = each edge draws
+    fresh 64-bit seeds; K > 0 = every perturbation seed of the round is one of K seeds shared by all clients of the
+    round (FedKSeed, edge.zo.pool_seeds of ``first_step``), so the guide's merge generates at most K directions
+    per span."""
 
     schedule: Schedule = wf(ScheduleT())
     q: int = wf(IntT(1, 1 << 16))
@@ -122,6 +125,7 @@ class Hyper:
     p1: int = wf(IntT(0, 1 << 16), default=0)
     p2: int = wf(IntT(0, 1 << 16), default=0)
     seed_base: int = wf(IntT(0, U64 - 1), default=0)
+    seed_pool: int = wf(IntT(0, 1 << 24), default=0)
 
 
 @dataclass(kw_only=True)

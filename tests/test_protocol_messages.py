@@ -99,7 +99,8 @@ schedules = st.builds(Schedule, lr=st.floats(0, 1, allow_nan=False), eps=st.floa
                       min_ratio=unit, eps_decay=st.floats(0, 10, allow_nan=False))
 hypers = st.builds(M.Hyper, schedule=schedules, q=st.integers(1, 64), local_steps=st.integers(1, 1000),
                    batch_size=st.integers(1, 256), first_step=st.integers(0, 10**6), split_layer=st.integers(-1, 1),
-                   p1=st.integers(0, 8), p2=st.integers(0, 8), seed_base=st.integers(0, 2**64 - 1))
+                   p1=st.integers(0, 8), p2=st.integers(0, 8), seed_base=st.integers(0, 2**64 - 1),
+                   seed_pool=st.integers(0, 2**24))
 specs = st.builds(AdapterSpec, kind=st.sampled_from(["lora", "control"]),
                   dims=st.just(ModelDims(n_layers=2, hidden=16, intermediate=32, n_heads=2, n_kv_heads=1)),
                   rank=st.integers(1, 4), alpha=st.floats(0.5, 64), train=st.sampled_from(["AB", "B"]),

@@ -202,6 +202,9 @@ class TrainConfig:
         if isinstance(self.seed_pool, bool) or not isinstance(self.seed_pool, int) \
                 or not 0 <= self.seed_pool <= 1 << 24:
             raise ValueError(f"seed_pool must be an integer in [0, 2**24] (0: off), got {self.seed_pool!r}")
+        if self.seed_pool and self.guided and self.kind == "subspace" and not self.subspace_rounds:
+            raise ValueError("seed_pool applies to full-space rounds; kind 'subspace' has none unless subspace_rounds "
+                             "> 0 (its merge is already in c-space)")
 
     @property
     def subspace(self) -> bool:

@@ -141,8 +141,8 @@ def test_fresh_seeds_keep_the_exact_per_client_path():
 @pytest.mark.parametrize("bad", [-1, True, 1.5, (1 << 24) + 1])
 def test_train_config_refuses_a_bad_seed_pool(bad):
     with pytest.raises(ValueError, match="seed_pool"):
-        TrainConfig(seed_pool=bad)
-    assert TrainConfig(seed_pool=1 << 24).seed_pool == 1 << 24
+        TrainConfig(kind="guided", seed_pool=bad)
+    assert TrainConfig(kind="guided", seed_pool=1 << 24).seed_pool == 1 << 24
 
 
 def test_seed_pool_reaches_the_edge_through_round_start():
@@ -164,3 +164,12 @@ def test_seed_pool_reaches_the_edge_through_round_start():
     sub = Guide(orthonormal_basis(list(rng.standard_normal((4, SPEC.d)))), 1.0, None, "subspace")
     splan = plan_round(round_id=2, theta=theta, guidance=None, guide=sub, basis_id="u", train=train, total_rounds=4)
     assert round_start(splan, spec=SPEC, train=train, guidance=None, deadline=0.0).hyper.seed_pool == 0
+
+
+def test_a_seed_pool_that_no_round_would_use_is_refused():
+    from cloud.config import TrainConfig
+
+    with pytest.raises(ValueError, match="seed_pool applies to full-space rounds"):
+        TrainConfig(kind="subspace", seed_pool=64)
+    assert TrainConfig(kind="subspace", seed_pool=64, subspace_rounds=2).at_round(2).seed_pool == 64
+    assert TrainConfig(kind="guided", seed_pool=64).seed_pool == 64

@@ -372,7 +372,7 @@ def run_torch_arm(arm: str, seed: int, cfg: StudyConfig, out: Path, gguf: str) -
 
 # ---- main ----------------------------------------------------------------------------------------------
 def _write(path: Path, obj: dict) -> None:
-    tmp = path.with_suffix(".tmp")
+    tmp = path.with_suffix(f".{os.getpid()}.tmp")  # two runs sharing OUT write config.json at once
     tmp.write_text(json.dumps(obj, indent=1))
     os.replace(tmp, path)
 

@@ -28,11 +28,8 @@ def load(runs: Path) -> tuple[dict[str, list[dict]], dict, dict]:
     """{arm: [record per seed]}, the study config, and the RSS record (if measured). A variant in runs/variants/
     (``<arm>-<tag>-s<seed>.json``) is an arm of its own, ``<arm>-<tag>``, when :data:`NAMES` lists it."""
     recs: dict[str, list[dict]] = {}
-    for p in sorted(runs.glob("*-s*.json")):
-        r = json.loads(p.read_text())
-        recs.setdefault(r["arm"], []).append(r)
-    for p in sorted((runs / "variants").glob("*-s*.json")):
-        arm = p.stem.rsplit("-s", 1)[0]
+    for p in sorted(runs.glob("*-s*.json")) + sorted((runs / "variants").glob("*-s*.json")):
+        arm = p.stem.rsplit("-s", 1)[0]  # the file's name, not its "arm" field: a variant records its base arm
         if arm in NAMES:
             recs.setdefault(arm, []).append(json.loads(p.read_text()))
     cfg = json.loads((runs / "config.json").read_text()) if (runs / "config.json").exists() else {}

@@ -51,6 +51,7 @@ def test_the_parser_imports_neither_torch_nor_psutil():
     (["guide-load", "--rounds", "101"], "argument --rounds: must be in [1, 100], got 101"),
     (["guide-load", "--dims", "1,2"], "argument --dims: want five positive integers"),
     (["guide-load", "--timeout", "0"], "argument --timeout: must be > 0"),
+    (["guide-load", "--spread", "-1"], "argument --spread: must be a finite number >= 0"),
     (["convert", "--types", "f32"], "the following arguments are required: --json"),
     (["convert", "--json", "out.json", "--types", "f32", "q9"], "argument --types: invalid choice: 'q9'"),
 ])
@@ -100,9 +101,9 @@ def test_guide_load_acks_every_upload_over_tls(tmp_path):
     out = tmp_path / "load.json"
     # In a child so a hung daemon or client fails the test at the timeout instead of blocking the run.
     r = subprocess.run([sys.executable, "-m", "app", "bench", "guide-load", "--clients", "3", "--rounds", "1",
-                        "--steps", "2", "--timeout", "60", "--json", str(out)],
+                        "--steps", "2", "--timeout", "60", "--spread", "0.5", "--json", str(out)],
                        capture_output=True, text=True, timeout=180)
     assert r.returncode == 0, r.stderr[-2000:]
     res = json.loads(out.read_text())
-    assert res["tls"] is True and res["uploads_acked"] == 3 and res["client_errors"] == 0
+    assert res["tls"] is True and res["uploads_acked"] == 3 and res["client_errors"] == 0 and res["spread_s"] == 0.5
     assert res["rounds_closed"][0]["uploads"] == 3 and res["d"] == 460_800 and res["daemon_exit"] == 0

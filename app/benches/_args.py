@@ -32,3 +32,14 @@ def positive_float(s: str) -> float:
     if not v > 0:
         raise argparse.ArgumentTypeError(f"must be > 0, got {s}")
     return v
+
+
+def nonneg_float(s: str) -> float:
+    """An argparse ``type``: a finite float >= 0."""
+    try:
+        v = float(s)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a number: {s!r}") from None
+    if not (v >= 0 and v != float("inf")):
+        raise argparse.ArgumentTypeError(f"must be a finite number >= 0, got {s}")
+    return v

@@ -33,7 +33,7 @@ from pathlib import Path
 
 import numpy as np
 
-from app.benches._args import int_range, positive_float
+from app.benches._args import int_range, nonneg_float, positive_float
 from protocol.auth import client_handshake, client_ssl_context
 from protocol.codecs import EncodedArray
 from protocol.framing import read_frame, write_frame
@@ -50,10 +50,13 @@ def _free_port() -> int:
 
 
 async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
-                  rng: np.random.Generator, counters: dict, tls, cold: bool = False, io_s: float = 120.0) -> None:
+                  rng: np.random.Generator, counters: dict, tls, cold: bool = False, io_s: float = 120.0,
+                  spread_s: float = 0.0) -> None:
     """One simulated edge. Like edge/client.py it asks for each round naming the θ it holds (the digest of its last
     round's θ) and the guidance ids it decoded, so the guide may send θ as the moves since then and the guidance by
-    id; ``cold``: it holds nothing, every RoundStart carries θ dense and the guidance in full."""
+    id; ``cold``: it holds nothing, every RoundStart carries θ dense and the guidance in full. ``spread_s``: it
+    "trains" for a uniform random 0..spread_s seconds before uploading, as real devices finish at different
+    times (0: every client uploads the moment its RoundStart is decoded, one burst)."""
     name = f"sim{i:05d}"
     held_round, held_digest, guide_ids = -1, "", []
     r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1" if tls else None)
@@ -81,6 +84,8 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
             up = Update(round_id=m.round_id, client_id=name, steps=recs, first_step=m.hyper.first_step,
                         n_examples=16, loss=LossStats(mean=0.5, min=0.5, max=0.5, last=0.5),
                         guide_id=m.guidance_id)
+            if spread_s > 0:
+                await asyncio.sleep(float(rng.uniform(0.0, spread_s)))
             t0 = time.perf_counter()
             counters["first"] = min(counters.get("first", t0), t0)
             n_up = await write_frame(w, up)
@@ -142,7 +147,7 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, 
     tls = None if args.insecure else client_ssl_context(args.cert)
     tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
                                            np.random.default_rng(rng.integers(2**32)), counters, tls, args.cold,
-                                           max(120.0, args.timeout)))
+                                           max(120.0, args.timeout), args.spread))
              for i in range(args.clients)]
     lags: list[float] = []
 
@@ -164,7 +169,7 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, 
     span = counters.get("last", 0) - counters.get("first", 0)
     return {
         "clients": args.clients, "rounds": args.rounds, "steps_per_upload": args.steps, "q": args.q,
-        "tls": not args.insecure,
+        "tls": not args.insecure, "spread_s": args.spread,
         "uploads_acked": len(lat), "refused": counters.get("refused", 0), "client_errors": len(errors),
         "error_samples": errors[:3], "wall_s": round(wall, 2),
         "uploads_per_s": round(len(lat) / wall, 1),
@@ -205,6 +210,9 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--insecure", action="store_true", help="plaintext TCP instead of TLS (the default)")
     ap.add_argument("--cold", action="store_true",
                     help="clients hold nothing between rounds: θ dense and the guidance in full in every RoundStart")
+    ap.add_argument("--spread", type=nonneg_float, default=0.0, metavar="S",
+                    help="each client waits uniform 0..S s after its RoundStart before uploading, as devices' "
+                         "training times spread their uploads (default 0: one burst)")
     ap.add_argument("--note", default="", help="a note stored with the results (e.g. what else the machine ran)")
 
 

@@ -75,6 +75,7 @@ class StudyConfig:
     edgezo_decay: str = "constant"  # the lr schedule on c over the whole run: constant | cosine | linear
     subspace_rounds: int = 0  # edgezo: rounds >= this run full-space federated MeZO ([train] subspace_rounds; 0 never)
     edgezo_mezo_lr: float | None = None  # edgezo: the MeZO rounds' lr (None: [train] mezo_lr's default)
+    guidance_codec: str = "q8"  # "q8" (every committed run) or "adaptive" (guide.toml's default [wire] guidance)
     layers: tuple[int, ...] = ()  # LoRA layers (default all); with split_layer <= min(layers): frozen bottom
     split_layer: int | None = None  # the edge's FedSPZO split (frozen bottom when no adapter layer is below it)
     quant: str = "q4_0"
@@ -272,6 +273,13 @@ def encode_guidance(wire) -> bytes:
     return packb(NestedT(WireGuidance).dump(wire))
 
 
+def guidance_codec(cfg: StudyConfig):
+    """The (basis, gradient) codecs U / Q and g_B travel with: q8 as committed, or the product's default."""
+    from cloud.config import WireConfig
+
+    return STUDY_GUIDANCE_CODEC if cfg.guidance_codec == "q8" else WireConfig(guidance="adaptive").codec()
+
+
 def run_zo_arm(arm: str, seed: int, cfg: StudyConfig, out: Path, gguf: str) -> dict:
     """A zeroth-order arm through the engine; evaluated on the edge runtime at cfg.eval_rounds."""
     from cloud.engine import compress_guidance, plan_round, simulate_round
@@ -315,7 +323,7 @@ def run_zo_arm(arm: str, seed: int, cfg: StudyConfig, out: Path, gguf: str) -> d
             g = guide = wire = None
             if source is not None and rtc.guided:
                 g = source.guidance(theta, r) if arm == "edgezo" else source.build(theta, r)
-                wire, guide = compress_guidance(g.guide, STUDY_GUIDANCE_CODEC)
+                wire, guide = compress_guidance(g.guide, guidance_codec(cfg))
             cloud_s += time.perf_counter() - t0
             plan = plan_round(round_id=r, theta=theta, guidance=g, guide=guide,
                               basis_id=wire.guide_id if wire is not None else "", train=rtc, total_rounds=cfg.rounds)
@@ -395,6 +403,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--subspace-rounds", type=int, default=None,
                     help="edgezo: rounds from this one on run full-space federated MeZO (default 0: never)")
     ap.add_argument("--edgezo-mezo-lr", type=float, default=None, help="edgezo: the lr of those MeZO rounds")
+    ap.add_argument("--guidance-codec", choices=("q8", "adaptive"), default=None,
+                    help="how U / Q travel: q8 (default, every committed run) or adaptive ([wire]'s default)")
     ap.add_argument("--rss", action="store_true", help="also measure edge vs backprop peak RSS (OUT/rss.json)")
     ap.add_argument("--layers", default=None, help="LoRA layers as FIRST-LAST (default: all)")
     ap.add_argument("--split-layer", type=int, default=None,
@@ -413,7 +423,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.rounds is not None:
         over.update(rounds=args.rounds, eval_rounds=tuple(range(args.rounds + 1)))
     for name in ("k", "threads", "mezo_lr", "mezo_eps", "edgezo_lr", "edgezo_decay", "subspace_rounds",
-                 "edgezo_mezo_lr"):
+                 "edgezo_mezo_lr", "guidance_codec"):
         if getattr(args, name) is not None:
             over[name] = getattr(args, name)
     if args.cloud_max_steps is not None:
@@ -427,10 +437,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.split_layer is not None:
         over["split_layer"] = args.split_layer
     variant = (args.layers or args.split_layer is not None or args.edgezo_lr is not None or args.edgezo_decay
-               or args.subspace_rounds is not None or args.edgezo_mezo_lr is not None)
+               or args.subspace_rounds is not None or args.edgezo_mezo_lr is not None
+               or args.guidance_codec is not None)
     if variant and not args.tag:
-        ap.error("--layers / --split-layer / --edgezo-lr / --edgezo-decay / --subspace-rounds / --edgezo-mezo-lr "
-                 "make a variant: name it with --tag")
+        ap.error("--layers / --split-layer / --edgezo-lr / --edgezo-decay / --subspace-rounds / --edgezo-mezo-lr / "
+                 "--guidance-codec make a variant: name it with --tag")
     cfg = StudyConfig(**over)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)

@@ -241,8 +241,8 @@ def arm_train_config(arm: str, cfg: StudyConfig):
     return {
         "edgezo": TrainConfig(kind="subspace", k=cfg.k, local_steps=cfg.local_steps, q=1, batch=cfg.batch,
                               lr=cfg.edgezo_lr, decay=cfg.edgezo_decay, subspace_rounds=cfg.subspace_rounds,
-                              mezo_eps=cfg.mezo_eps,
-                              **({} if cfg.edgezo_mezo_lr is None else {"mezo_lr": cfg.edgezo_mezo_lr})),
+                              **({"mezo_eps": cfg.mezo_eps, "mezo_lr": cfg.edgezo_mezo_lr} if cfg.subspace_rounds
+                                 else {})),
         "guided": TrainConfig(kind="guided", k=4, mix_alpha=0.5, lam=cfg.lam, lr=cfg.guided_lr, eps=1e-3,
                               precondition="adam", guide_batches=1, local_steps=cfg.local_steps, q=1, batch=cfg.batch),
         "fedkseed": TrainConfig(kind="guided", guided=False, lr=cfg.mezo_lr, eps=cfg.mezo_eps,
@@ -436,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
         over["layers"] = tuple(range(lo, hi + 1))
     if args.split_layer is not None:
         over["split_layer"] = args.split_layer
+    if args.edgezo_mezo_lr is not None and not args.subspace_rounds:
+        ap.error("--edgezo-mezo-lr sets the MeZO rounds after --subspace-rounds: give --subspace-rounds N > 0")
     variant = (args.layers or args.split_layer is not None or args.edgezo_lr is not None or args.edgezo_decay
                or args.subspace_rounds is not None or args.edgezo_mezo_lr is not None
                or args.guidance_codec is not None)

@@ -124,6 +124,10 @@ KIND_DEFAULTS: dict[str, dict[str, float]] = {
 }
 
 
+# The full-space MeZO rounds after [train] subspace_rounds: the warm-start MeZO lr picked on private validation
+# (bench/convergence.py, arm b) and MeZO's ε on these quantized losses (bench/zo_linearity.py).
+MEZO_DEFAULTS: dict[str, float] = {"mezo_lr": 1e-4, "mezo_eps": 1e-2}
+
 GUIDED_ONLY = frozenset({"lam", "mix_alpha", "guide_batches", "precondition"})  # [train] keys of kind "guided" only
 
 # Keys renamed so that a name says which α it is; an old key is refused with the new name, never read silently.
@@ -163,8 +167,8 @@ class TrainConfig:
     # subspace only: rounds >= subspace_rounds run full-space federated MeZO at mezo_lr / mezo_eps (0: never).
     # The subspace delivers its gain in the first rounds, then plateaus (docs/RESULTS_discussion.md).
     subspace_rounds: int = 0
-    mezo_lr: float = 1e-4  # the warm-start MeZO lr picked on private validation (bench/convergence.py, arm b)
-    mezo_eps: float = 1e-2  # MeZO's ε on these quantized losses (bench/zo_linearity.py)
+    mezo_lr: float | None = None  # unset: MEZO_DEFAULTS once subspace_rounds > 0; set while it is 0: refused
+    mezo_eps: float | None = None
     p1: int = SPLIT_P1  # split: block-1 perturbations per step
     p2: int = SPLIT_P2  # split: block-2 perturbations per block-1 one
     # full-space rounds: perturbation seeds from a pool of this many per round, FedKSeed; 0 = off
@@ -197,8 +201,15 @@ class TrainConfig:
             raise ValueError(f"subspace_rounds must be an integer >= 0 (0: every round), got {self.subspace_rounds!r}")
         if self.subspace_rounds and not (self.guided and self.kind == "subspace"):
             raise ValueError("subspace_rounds switches a subspace run to full-space MeZO: it needs kind 'subspace'")
-        if not (self.mezo_lr >= 0.0 and self.mezo_eps > 0.0):
-            raise ValueError(f"need mezo_lr >= 0 and mezo_eps > 0, got {self.mezo_lr}, {self.mezo_eps}")
+        idle = [name for name in MEZO_DEFAULTS if getattr(self, name) is not None]
+        if idle and not self.subspace_rounds:
+            raise ValueError(f"[train]: {idle} set the MeZO rounds after subspace_rounds, which is 0 (never)")
+        if self.subspace_rounds:  # without MeZO rounds both stay None: nothing reads them
+            for name, value in MEZO_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    object.__setattr__(self, name, value)
+            if not (self.mezo_lr >= 0.0 and self.mezo_eps > 0.0):
+                raise ValueError(f"need mezo_lr >= 0 and mezo_eps > 0, got {self.mezo_lr}, {self.mezo_eps}")
         if isinstance(self.seed_pool, bool) or not isinstance(self.seed_pool, int) \
                 or not 0 <= self.seed_pool <= 1 << 24:
             raise ValueError(f"seed_pool must be an integer in [0, 2**24] (0: off), got {self.seed_pool!r}")
@@ -216,7 +227,8 @@ class TrainConfig:
         and every replay agrees on it."""
         if not self.subspace_rounds or round_id < self.subspace_rounds:
             return self
-        return dataclasses.replace(self, guided=False, lr=self.mezo_lr, eps=self.mezo_eps, subspace_rounds=0)
+        return dataclasses.replace(self, guided=False, lr=self.mezo_lr, eps=self.mezo_eps, subspace_rounds=0,
+                                   mezo_lr=None, mezo_eps=None)
 
 
 @dataclass(frozen=True)
@@ -418,9 +430,6 @@ class GuideConfig:
                 raise ValueError(f"[train]: {unused} apply to kind = 'guided' only (this guide uses 'subspace')")
         elif d.get("cloud"):
             raise ValueError("[cloud] configures the leading cloud of kind = 'subspace'; this guide uses 'guided'")
-        idle = sorted({"mezo_lr", "mezo_eps"} & set(train_sect))
-        if idle and not parts["train"].subspace_rounds:
-            raise ValueError(f"[train]: {idle} set the MeZO rounds after subspace_rounds, which is 0 (never)")
         clients = dict(d.get("clients", {}))
         tokens = {str(k): str(v) for k, v in dict(clients.get("tokens", {})).items()}
         bad = set(d) - {"server", "rounds", "train", "model", "data", "cloud", "wire", "clients"}

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from cloud.config import GuideConfig
+from cloud.config import GuideConfig, TrainConfig
 from cloud.daemon import GuideServer, StaticGuidance
 from cloud.engine import compress_guidance, merge, plan_round, simulate_round
 from cloud.guidance import Guidance
@@ -355,6 +355,9 @@ def test_subspace_rounds_settings_are_checked_and_never_idle():
         GuideConfig.from_dict({"train": {"mezo_lr": 1e-3}})
     with pytest.raises(ValueError, match="need mezo_lr >= 0 and mezo_eps > 0"):
         GuideConfig.from_dict({"train": {"subspace_rounds": 2, "mezo_eps": 0.0}})
+    with pytest.raises(ValueError, match=r"\['mezo_eps'\] set the MeZO rounds"):  # in code as in guide.toml
+        TrainConfig(mezo_eps=1e-3)
+    assert TrainConfig().mezo_lr is None and TrainConfig(subspace_rounds=1, mezo_lr=1e-3).at_round(1).lr == 1e-3
     tc = GuideConfig.from_dict({"train": {"subspace_rounds": 2}}).train
     assert [tc.at_round(r).subspace for r in range(4)] == [True, True, False, False]
     assert (tc.at_round(2).lr, tc.at_round(2).eps) == (tc.mezo_lr, tc.mezo_eps)

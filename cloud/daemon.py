@@ -163,7 +163,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.authn = Authenticator(config.tokens)
         self.bytes = _new_bytes()  # the open round's
         # the open round's service times (UploadsMixin._timings_summary) and event-loop lag (_watch_loop)
-        self.timings: dict[str, list[float]] = {"commit": [], "ack": [], "loop_lag": []}
+        self.timings = _new_timings()
         self.last_bytes: dict[str, int] = {}  # the last closed round's byte summary
         self._t0 = time.time()
         self._inflight: dict[str, asyncio.Future] = {}
@@ -355,7 +355,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._wire_guidance = wire_g
         self._round_frames = {}
         self.bytes = _new_bytes()
-        self.timings = {"commit": [], "ack": [], "loop_lag": []}
+        self.timings = _new_timings()
         self._round_done.clear()
         self.log("round_open", round=self.round_id, selected=selected if len(selected) <= 16 else len(selected),
                  basis=basis_id, waiting=len(pool), public_loss_prev=g.public_loss if g is not None else math.nan,
@@ -442,6 +442,11 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
                       updates_accepted=self.stats["uploads"], uptime_s=time.time() - self._t0,
                       deadline=self.deadline if self.plan is not None else None, d=self.spec.d,
                       guide_id=self.plan.basis_id if self.plan is not None else "", extra=extra)
+
+def _new_timings() -> dict[str, list[float]]:
+    """A round's service-time samples in seconds (UploadsMixin._timings_summary; loop lag from _watch_loop)."""
+    return {"commit": [], "ack": [], "loop_lag": []}
+
 
 def _new_bytes() -> dict[str, int]:
     """A round's byte counters: down (RoundStarts + prefetches) and up (Updates), with message counts."""

@@ -325,7 +325,7 @@ WIRE_GUIDANCE = ("q8", "q4", "fp16", "fp32", "adaptive")
 WIRE_THETA = ("fp32", "adaptive")
 # Adaptive mode A's relative L2 error per chunk when neither target nor budget is given. The basis U gets its own:
 # what matters for U is the span, and at 0.2 span(Û) is within 7.2° of span(U) (docs/bench/wire_bytes.json,
-# max_principal_angle_deg) while two mini-batch estimates of one gradient are ~80° apart (docs/bench/
+# max_principal_angle_deg) while two mini-batch estimates of one gradient are ~82° apart (docs/bench/
 # diagnostic.json, cos_gpriv_halves 0.14): the rotation is far inside the noise U is built from, for 8× fewer bytes.
 DEFAULT_TARGET = 0.02  # θ deltas and g_B
 BASIS_TARGET = 0.2  # U / Q

@@ -8,7 +8,7 @@ import time
 
 from protocol.auth import negotiate_version
 from protocol.errors import AuthError, FrameTooLarge, ProtocolError, SchemaError, VersionMismatch
-from protocol.framing import read_frame, write_frame
+from protocol.framing import read_frame, read_frame_sized, write_frame
 from protocol.messages import (
     Ack,
     Auth,
@@ -84,14 +84,14 @@ class ConnectionsMixin:
                           timeout=s.io_timeout_s)
         return auth.client_id
 
-    async def _reply(self, client: str, msg: Message) -> Message | bytes | None:
-        """The answer to one authenticated message (None: the client said Bye)."""
+    async def _reply(self, client: str, msg: Message, size: int = 0) -> Message | bytes | None:
+        """The answer to one authenticated message of ``size`` bytes (None: the client said Bye)."""
         if isinstance(msg, RoundRequest):
             return await self._on_round_request(client, msg)
         if isinstance(msg, GuidanceRequest):
             return await self._on_guidance_request(msg)
         if isinstance(msg, Update):
-            return await self._on_update(client, msg)
+            return await self._on_update(client, msg, size)
         if isinstance(msg, StatusRequest):
             return await self._status_full()
         if isinstance(msg, Bye):
@@ -126,8 +126,8 @@ class ConnectionsMixin:
             self.log("connected", client=client, peer=str(peer))
             while True:
                 try:
-                    msg = await read_frame(reader, max_size=s.max_frame, timeout=s.io_timeout_s,
-                                           idle_timeout=idle)
+                    msg, size = await read_frame_sized(reader, max_size=s.max_frame, timeout=s.io_timeout_s,
+                                                       idle_timeout=idle)
                 except ProtocolError as e:
                     if e.code in ("connection_closed", "truncated_frame", "timeout"):
                         return
@@ -142,7 +142,7 @@ class ConnectionsMixin:
                     continue
                 t_msg = time.perf_counter()
                 try:
-                    reply = await self._reply(client, msg)
+                    reply = await self._reply(client, msg, size)
                 except _Refuse as e:
                     self.stats["refused"] += 1
                     errors += e.code == "unexpected"

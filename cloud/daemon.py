@@ -49,7 +49,7 @@ from cloud.downlink import DownlinkMixin
 from cloud.engine import merge_move, plan_round
 from cloud.guidance import Guidance
 from cloud.guide_log import JsonLog, _finite, _json_capped, _jsonable  # noqa: E402, F401
-from cloud.store import Store, upload_digest
+from cloud.store import Store
 from cloud.uploads import UploadsMixin  # noqa: E402
 from protocol.auth import Authenticator
 from protocol.messages import Guidance as WireGuidance
@@ -143,7 +143,8 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.plan: RoundPlan | None = None
         self.selected: list[str] = []
         self.uploaded: set[str] = set()
-        self._digests: dict[str, str] = {}  # client → upload_digest of its committed upload this round
+        # client → its committed upload this round: a re-send is compared with it (upload_digest) only when one comes
+        self._stored: dict[str, Upload] = {}
         self.deadline = 0.0
         self.phase = Phase.IDLE
         self.waiting: dict[str, asyncio.Future] = {}
@@ -228,7 +229,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
             self.deadline = row["deadline"]
             stored = self.store.uploads(self.round_id)
             self.uploaded = {u.client for u in stored}
-            self._digests = {u.client: upload_digest(u) for u in stored}
+            self._stored = {u.client: u for u in stored}
             self.log("resumed", round=self.round_id, uploads=len(self.uploaded), selected=len(self.selected))
             return
         last = self.store.last_round_id()
@@ -351,7 +352,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._history[plan.round_id] = (theta_digest(plan.theta), ws.move)
         self._to(Phase.OPEN)
         self.plan, self.selected, self.uploaded, self.deadline = plan, selected, set(), deadline
-        self._digests = {}
+        self._stored = {}
         self._wire_guidance = wire_g
         self._round_frames = {}
         self.bytes = _new_bytes()

@@ -15,7 +15,6 @@ from protocol.messages import (
     Ack,
     Message,
     Update,
-    encode,
 )
 
 
@@ -73,7 +72,8 @@ class UploadsMixin:
                 "up_bytes": b["up"], "up_bytes_per_upload": b["up"] // max(1, b["updates"]),
                 "theta_replay": b["theta_replay"], "theta_dense": b["theta_dense"]}
 
-    async def _on_update(self, client: str, msg: Update) -> Message:
+    async def _on_update(self, client: str, msg: Update, size: int) -> Message:
+        """Validate, commit, then Ack ``msg`` (a frame of ``size`` bytes) from ``client``, or refuse it."""
         plan = self.plan
         rid = msg.round_id
         if plan is None or self.closing:
@@ -107,13 +107,14 @@ class UploadsMixin:
             self._inflight.pop(client, None)
         self.uploaded.add(client)  # committed: only now may it be acknowledged or counted
         self.timings["commit"].append(time.perf_counter() - t_commit)
-        self._digests[client] = upload_digest(up)
+        self._stored[client] = up
         self.stats["uploads"] += 1
-        size = len(encode(msg, validate=False))  # the frame's size (msgpack encoding is canonical here)
         self.bytes["up"] += size
         self.bytes["updates"] += 1
-        self.log("upload", round=up.round_id, client=client, steps=len(up.steps), examples=up.examples,
-                 loss_after=up.loss_after, lam=float(np.mean([st.lam for st in up.steps])), bytes=size)
+        # the log line is written after the Ack is handed to the transport: the ack waits on nothing but the commit
+        asyncio.get_running_loop().call_soon(lambda: self.log(
+            "upload", round=up.round_id, client=client, steps=len(up.steps), examples=up.examples,
+            loss_after=up.loss_after, lam=float(np.mean([st.lam for st in up.steps])), bytes=size))
         if len(self.uploaded) >= len(self.selected):
             self._round_done.set()
         return Ack(round_id=up.round_id, accepted=True)
@@ -134,7 +135,8 @@ class UploadsMixin:
 
     def _duplicate(self, client: str, msg: Update) -> Ack:
         """A second upload for a round: acknowledged only if it says exactly what the stored one says."""
-        if upload_digest(self._as_upload(client, msg)) == self._digests.get(client):
+        stored = self._stored.get(client)
+        if stored is not None and upload_digest(self._as_upload(client, msg)) == upload_digest(stored):
             return Ack(round_id=msg.round_id, accepted=True, reason="duplicate")
         self.stats["forged_duplicates"] += 1
         self.log("duplicate_refused", client=client, round=msg.round_id)

@@ -123,15 +123,19 @@ def step_records_from_wire(o: Any, limits: Limits = DEFAULT_LIMITS, d: int | Non
         lams = lams_o.tolist()
     else:
         lams = [FloatT(0.0, 1.0).load(lams_o, ctx, f"{path}.{STEPS_LAMS}")] * n_steps
-    out: list[StepRecord] = []
+    # One copy of each array (the decoded buffers may be read-only views of the frame), then views of it per
+    # group: a guide decodes 1,000s of these at once, and a copy per group cost more than the rest of the checks.
+    seeds, grads = seeds.copy(), grads.copy()
     offs = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    n_groups_l, span_idx_l = n_groups.tolist(), span_idx.tolist()
+    out: list[StepRecord] = []
     gi = 0
     for s in range(n_steps):
         grps = []
-        for _ in range(int(n_groups[s])):
+        for _ in range(n_groups_l[s]):
             a, b = offs[gi], offs[gi + 1]
-            start, stop = spans[int(span_idx[gi])]
-            grps.append(Group(seeds[a:b].copy(), grads[a:b].copy(), start, stop))
+            start, stop = spans[span_idx_l[gi]]
+            grps.append(Group(seeds[a:b], grads[a:b], start, stop))
             gi += 1
         out.append(StepRecord(groups=grps, lam=lams[s]))
     return out

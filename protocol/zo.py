@@ -143,6 +143,9 @@ def to_gradient_units(v: np.ndarray, guide: Guide | None) -> np.ndarray:
     return v
 
 
+_U64, _F32 = np.dtype(np.uint64), np.dtype(np.float32)
+
+
 @dataclass
 class Group:
     """The perturbations of one step on one coordinate span [start, stop) of θ: seeds and projected grads."""
@@ -153,8 +156,13 @@ class Group:
     stop: int = -1  # -1: up to d
 
     def __post_init__(self) -> None:
-        self.seeds = np.asarray(self.seeds, dtype=np.uint64).reshape(-1)
-        self.grads = np.asarray(self.grads, dtype=np.float32).reshape(-1)
+        # the fast path (1-d arrays of the right dtype already, as decoded) skips two conversions: a guide builds
+        # ~10 Groups per upload and 1,000s of uploads at once
+        s, g = self.seeds, self.grads
+        if not (type(s) is np.ndarray and s.dtype == _U64 and s.ndim == 1):
+            self.seeds = np.asarray(s, dtype=np.uint64).reshape(-1)
+        if not (type(g) is np.ndarray and g.dtype == _F32 and g.ndim == 1):
+            self.grads = np.asarray(g, dtype=np.float32).reshape(-1)
         if self.seeds.shape != self.grads.shape:
             raise ValueError(f"{self.seeds.size} seeds but {self.grads.size} grads")
 

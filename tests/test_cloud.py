@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import os
 import socket
+import sqlite3
 import struct
 import subprocess
 import sys
@@ -143,6 +144,24 @@ def test_store_commits_and_reads_back_uploads(tmp_path):
         np.testing.assert_array_equal(a.groups[0].grads, b.groups[0].grads)
     np.testing.assert_array_equal(st2.load_plan(0).theta, theta)
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_store_group_commit_spans_several_statements(tmp_path):
+    """A batch larger than one multi-row INSERT (here 3 rows a statement) lands whole, in one transaction; a batch
+    with a row already stored lands not at all."""
+    st = Store(root=tmp_path)
+    st._rows = 3  # as on an SQLite whose variable limit allows 3 uploads a statement
+    rng = np.random.default_rng(4)
+    ups = [Upload(client=f"c{i}", round_id=0, basis_id="b", steps=_records(rng, 2), examples=i + 1) for i in range(7)]
+    st.commit_uploads(ups)
+    back = {u.client: u for u in st.uploads(0)}
+    assert sorted(back) == [f"c{i}" for i in range(7)] and [back[f"c{i}"].examples for i in range(7)] == list(
+        range(1, 8))
+    assert {c["client"]: c["uploads"] for c in st.clients()} == {f"c{i}": 1 for i in range(7)}
+    late = Upload(client="c7", round_id=0, basis_id="b", steps=_records(rng, 2), examples=1)
+    with pytest.raises(sqlite3.IntegrityError):
+        st.commit_uploads([late, *ups[5:]])  # c5, c6 are stored: the whole batch rolls back, c7 included
+    assert len(st.uploads(0)) == 7 and st.clients()[-1]["client"] == "c6"
 
 
 def _frame(body: bytes) -> bytes:

@@ -16,6 +16,7 @@ import pytest
 
 import protocol
 from protocol import auth as A
+from protocol import framing
 from protocol import messages as M
 from protocol.errors import (
     AuthError,
@@ -26,7 +27,7 @@ from protocol.errors import (
     TruncatedFrame,
     VersionMismatch,
 )
-from protocol.framing import read_frame, write_frame
+from protocol.framing import read_frame, read_frame_sized, write_frame
 from protocol.samples import sample_messages
 
 TOKENS = {"pi-1": A.new_token(), "pi-2": A.new_token()}
@@ -69,13 +70,22 @@ def run(coro):
     return asyncio.run(coro)
 
 
+@pytest.fixture(params=["asyncio.timeout", "3.10 timer"])
+def deadlines(request, monkeypatch):
+    """Frame deadlines both ways: asyncio.timeout (3.11+) and the timer that cancels the task (Python 3.10)."""
+    if request.param == "3.10 timer":
+        monkeypatch.setattr(framing, "deadline", lambda s: framing.nullcontext() if s is None else framing._WaitFor(s))
+    return request.param
+
+
 def test_frames_roundtrip_over_socket():
     msgs = sample_messages(np.random.default_rng(0))
 
     async def handler(reader, writer):
         got = []
-        for _ in msgs:
-            m = await read_frame(reader, timeout=5)
+        for i, _ in enumerate(msgs):
+            m, n = await read_frame_sized(reader, timeout=5)
+            assert n == len(protocol.encode(msgs[i]))  # the frame's size, header included
             got.append(m)
             await write_frame(writer, m)
         return got
@@ -123,7 +133,7 @@ def test_oversize_declared_length_refused_without_allocating():
     assert peak < 1 << 20  # vs a 2 GiB declared body
 
 
-def test_slow_loris_peer_times_out():
+def test_slow_loris_peer_times_out(deadlines):
     """A peer trickling one byte per 50 ms cannot keep a frame read going beyond ``timeout``."""
 
     async def handler(reader, writer):
@@ -149,7 +159,7 @@ def test_slow_loris_peer_times_out():
     assert isinstance(err, FrameTimeout) and 0.4 < elapsed < 2.0
 
 
-def test_idle_timeout_and_truncation():
+def test_idle_timeout_and_truncation(deadlines):
     async def idle_handler(reader, writer):
         try:
             await read_frame(reader, timeout=5, idle_timeout=0.2)

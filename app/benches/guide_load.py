@@ -36,8 +36,8 @@ import numpy as np
 from app.benches._args import int_range, nonneg_float, positive_float
 from protocol.auth import client_handshake, client_ssl_context
 from protocol.codecs import EncodedArray
-from protocol.framing import read_frame, write_frame
-from protocol.messages import Ack, Bye, LossStats, RoundRequest, RoundStart, Update
+from protocol.framing import deadline, read_frame, write_frame
+from protocol.messages import Ack, Bye, LossStats, RoundRequest, RoundStart, Update, encode
 from protocol.zo import Group, StepRecord
 
 ROOT = Path(__file__).resolve().parents[2]  # the folder holding the app package: the daemon's PYTHONPATH
@@ -49,17 +49,56 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+class RoundBarrier:
+    """Holds every simulated client's upload of round r until all clients still running hold r's RoundStart: the
+    round's downlink is over before its uploads start, as on real devices, which train between the two. Without
+    it the first clients' uploads and acks would queue behind the other clients' downloads, all in one process on
+    the same cores (work a real fleet does on 1,000 separate CPUs)."""
+
+    def __init__(self, parties: int) -> None:
+        self.parties = parties
+        self._arrived: dict[int, int] = {}
+        self._open: dict[int, asyncio.Event] = {}
+
+    def _event(self, r: int) -> asyncio.Event:
+        return self._open.setdefault(r, asyncio.Event())
+
+    def _check(self) -> None:
+        for r, n in self._arrived.items():
+            if n >= self.parties:
+                self._event(r).set()
+
+    async def wait(self, r: int, timeout: float) -> None:
+        """Arrive at round ``r`` and wait (up to ``timeout`` s) for the others."""
+        self._arrived[r] = self._arrived.get(r, 0) + 1
+        self._check()
+        await asyncio.wait_for(self._event(r).wait(), timeout)
+
+    def leave(self) -> None:
+        """A client ended (done, refused or failed): the others stop waiting for it."""
+        self.parties -= 1
+        self._check()
+
+
 async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int, lat: list[float],
-                  rng: np.random.Generator, counters: dict, tls, cold: bool = False, io_s: float = 120.0,
-                  spread_s: float = 0.0) -> None:
+                  rng: np.random.Generator, counters: dict, tls, barrier: RoundBarrier, cold: bool = False,
+                  io_s: float = 120.0, spread_s: float = 0.0) -> None:
     """One simulated edge. Like edge/client.py it asks for each round naming the θ it holds (the digest of its last
     round's θ) and the guidance ids it decoded, so the guide may send θ as the moves since then and the guidance by
-    id; ``cold``: it holds nothing, every RoundStart carries θ dense and the guidance in full. ``spread_s``: it
-    "trains" for a uniform random 0..spread_s seconds before uploading, as real devices finish at different
-    times (0: every client uploads the moment its RoundStart is decoded, one burst)."""
+    id; ``cold``: it holds nothing, every RoundStart carries θ dense and the guidance in full.
+
+    Each round: download (RoundStart, decoded as an edge does), "train" (build and encode the Update), wait at the
+    round's barrier, then upload: at once (``spread_s`` 0: every client together, one burst of N uploads) or after
+    a uniform random 0..spread_s s, as real devices finish at different times. The ack latency runs from the
+    upload's first byte written to its Ack read."""
     name = f"sim{i:05d}"
     held_round, held_digest, guide_ids = -1, "", []
-    r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls, server_hostname="127.0.0.1" if tls else None)
+    try:
+        r, w = await asyncio.open_connection("127.0.0.1", port, ssl=tls,
+                                             server_hostname="127.0.0.1" if tls else None)
+    except BaseException:
+        barrier.leave()
+        raise
     try:
         await client_handshake(r, w, name, token, timeout=60)
         done = 0
@@ -81,15 +120,18 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
             recs = [StepRecord(groups=[Group(seeds=rng.integers(0, 2**63, q, dtype=np.uint64),
                                              grads=(0.01 * rng.standard_normal(q)).astype(np.float32))])
                     for _ in range(steps)]
-            up = Update(round_id=m.round_id, client_id=name, steps=recs, first_step=m.hyper.first_step,
-                        n_examples=16, loss=LossStats(mean=0.5, min=0.5, max=0.5, last=0.5),
-                        guide_id=m.guidance_id)
+            frame = encode(Update(round_id=m.round_id, client_id=name, steps=recs, first_step=m.hyper.first_step,
+                                  n_examples=16, loss=LossStats(mean=0.5, min=0.5, max=0.5, last=0.5),
+                                  guide_id=m.guidance_id))
+            await barrier.wait(m.round_id, io_s)
             if spread_s > 0:
                 await asyncio.sleep(float(rng.uniform(0.0, spread_s)))
             t0 = time.perf_counter()
             counters["first"] = min(counters.get("first", t0), t0)
-            n_up = await write_frame(w, up)
-            counters["up_bytes"] = counters.get("up_bytes", 0) + n_up
+            w.write(frame)
+            async with deadline(io_s):
+                await w.drain()
+            counters["up_bytes"] = counters.get("up_bytes", 0) + len(frame)
             a = await read_frame(r, timeout=io_s, idle_timeout=io_s)
             t1 = time.perf_counter()
             if isinstance(a, Ack) and a.accepted:
@@ -101,6 +143,7 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
             done += 1
         await write_frame(w, Bye())
     finally:
+        barrier.leave()
         w.close()
 
 
@@ -145,9 +188,10 @@ async def _run(args, port: int, tokens: dict[str, str], proc: subprocess.Popen, 
     rng = np.random.default_rng(args.seed)
     t0 = time.perf_counter()
     tls = None if args.insecure else client_ssl_context(args.cert)
+    barrier = RoundBarrier(args.clients)
     tasks = [asyncio.ensure_future(_client(i, port, tokens[f"sim{i:05d}"], args.rounds, args.steps, args.q, lat,
-                                           np.random.default_rng(rng.integers(2**32)), counters, tls, args.cold,
-                                           max(120.0, args.timeout), args.spread))
+                                           np.random.default_rng(rng.integers(2**32)), counters, tls, barrier,
+                                           args.cold, max(120.0, args.timeout), args.spread))
              for i in range(args.clients)]
     lags: list[float] = []
 
@@ -211,8 +255,8 @@ def add_arguments(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cold", action="store_true",
                     help="clients hold nothing between rounds: θ dense and the guidance in full in every RoundStart")
     ap.add_argument("--spread", type=nonneg_float, default=0.0, metavar="S",
-                    help="each client waits uniform 0..S s after its RoundStart before uploading, as devices' "
-                         "training times spread their uploads (default 0: one burst)")
+                    help="each client waits uniform 0..S s after the round's downlink before uploading, as devices' "
+                         "training times spread their uploads (default 0: all N uploads at once, one burst)")
     ap.add_argument("--note", default="", help="a note stored with the results (e.g. what else the machine ran)")
 
 

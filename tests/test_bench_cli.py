@@ -107,3 +107,29 @@ def test_guide_load_acks_every_upload_over_tls(tmp_path):
     res = json.loads(out.read_text())
     assert res["tls"] is True and res["uploads_acked"] == 3 and res["client_errors"] == 0 and res["spread_s"] == 0.5
     assert res["rounds_closed"][0]["uploads"] == 3 and res["d"] == 460_800 and res["daemon_exit"] == 0
+
+
+def test_round_barrier_holds_uploads_until_every_running_client_has_the_round():
+    """Uploads of round r wait for every client still running; a client that ends stops being waited for."""
+    import asyncio
+
+    from app.benches.guide_load import RoundBarrier
+
+    async def go() -> list[str]:
+        b, seen = RoundBarrier(3), []
+
+        async def client(name: str, delay: float) -> None:
+            await asyncio.sleep(delay)
+            await b.wait(0, timeout=5)
+            seen.append(name)
+
+        async def quitter() -> None:
+            await asyncio.sleep(0.1)
+            b.leave()  # fails before round 0: the other two must not wait for it
+
+        t0 = asyncio.get_running_loop().time()
+        await asyncio.gather(client("a", 0.0), client("b", 0.05), quitter())
+        assert asyncio.get_running_loop().time() - t0 >= 0.09  # a and b were held until the third one left
+        return seen
+
+    assert sorted(asyncio.run(go())) == ["a", "b"]

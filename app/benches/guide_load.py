@@ -3,8 +3,9 @@
 The daemon runs as a real subprocess (``python -m app guide serve`` in model-free mode), so its peak RSS
 is measured from outside (psutil, sampled every 20 ms). Every simulated client authenticates, joins each
 round, uploads valid (seed, g) records for it and waits for the ack; the ack latency is measured from the
-first byte of the upload to the ack. Bounded: R rounds, then every client says bye; a global timeout stops
-everything regardless.
+first byte of the upload written to the Ack read. Each round's uploads start once every client holds the round
+(:class:`RoundBarrier`), all at once or spread over ``--spread`` s. Bounded: R rounds, then every client says bye;
+a global timeout stops everything regardless.
 
 Like edge/client.py, a client names the θ and guidance it holds when it asks for a round (``--cold``: nothing), so
 after round 0 a subspace round's θ comes as k numbers. The static guidance repeats its basis, so it goes by id after

@@ -21,8 +21,9 @@ _UNSET = object()
 
 def deadline(seconds: float | None):
     """``async with deadline(t)``: asyncio.TimeoutError after ``t`` s (None: no limit). On 3.11+ this is
-    ``asyncio.timeout``, which cancels the awaiting task in place; ``asyncio.wait_for`` (3.10's only way) wraps each
-    await in a new Task and a waiter, three per frame, which a guide answering 1,000 uploads at once pays for."""
+    ``asyncio.timeout``, which cancels the awaiting task in place; before 3.12 ``asyncio.wait_for`` wraps each await
+    in a new Task, three per frame, which a guide answering 1,000 uploads at once pays for. 3.10 gets
+    :class:`_WaitFor`, the same timer-and-cancel without a Task."""
     if seconds is None:
         return nullcontext()
     if sys.version_info >= (3, 11):

@@ -152,7 +152,8 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._round_done: asyncio.Event | None = None
         self._next: cf.Future[Guidance] | None = None  # guidance for round_id + 1 (computed at θ_{round_id})
         self._next_round = -1  # the round self._next is for
-        self._wire_cache: dict[int, WireGuidance] = {}  # round → its compressed guidance (prefetch + RoundStart)
+        # round → its compressed guidance (prefetch + RoundStart), being built or built
+        self._wire_cache: dict[int, asyncio.Future[WireGuidance]] = {}
         self._prefetch_frames: dict[tuple[int, str], bytes] = {}  # the latest encoded GuidanceNext
         self._pending: list[tuple[Upload, asyncio.Future]] = []
         self._wire_guidance: WireGuidance | None = None  # the open round's guidance as sent
@@ -336,7 +337,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         n = min(rc.max_clients, len(pool))
         selected = sorted(str(c) for c in rng.choice(pool, size=n, replace=False))
         # Compress the guidance once; the plan keeps the DECODED guide: edges and replay use the same bits.
-        wire_g = self._wire_for(self.round_id, g) if tc.guided else None
+        wire_g = await self._wire_for(self.round_id, g) if tc.guided else None
         guide = wire_g.to_guide() if wire_g is not None else None
         plan = plan_round(round_id=self.round_id, theta=self.theta, guidance=g, guide=guide,
                           basis_id=wire_g.guide_id if wire_g is not None else "", train=tc,

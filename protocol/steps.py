@@ -135,7 +135,7 @@ def step_records_from_wire(o: Any, limits: Limits = DEFAULT_LIMITS, d: int | Non
         for _ in range(n_groups_l[s]):
             a, b = offs[gi], offs[gi + 1]
             start, stop = spans[span_idx_l[gi]]
-            grps.append(Group(seeds[a:b], grads[a:b], start, stop))
+            grps.append(Group.checked(seeds[a:b], grads[a:b], start, stop))
             gi += 1
         out.append(StepRecord(groups=grps, lam=lams[s]))
     return out

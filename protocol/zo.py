@@ -166,6 +166,14 @@ class Group:
         if self.seeds.shape != self.grads.shape:
             raise ValueError(f"{self.seeds.size} seeds but {self.grads.size} grads")
 
+    @classmethod
+    def checked(cls, seeds: np.ndarray, grads: np.ndarray, start: int, stop: int) -> Group:
+        """A Group from arrays the caller has already checked (1-d, uint64 and float32, equal length), without
+        ``__post_init__``: the wire decoder checks a whole upload's arrays at once, then slices them per group."""
+        g = cls.__new__(cls)
+        g.seeds, g.grads, g.start, g.stop = seeds, grads, start, stop
+        return g
+
 
 @dataclass
 class StepRecord:

@@ -32,6 +32,7 @@ import asyncio
 import concurrent.futures as cf
 import dataclasses
 import enum
+import gc
 import json
 import logging
 import math
@@ -177,6 +178,9 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._conns: set[asyncio.Task] = set()
         self.stats = {"uploads": 0, "refused": 0, "auth_failed": 0, "malformed": 0, "examples_capped": 0,
                       "forged_duplicates": 0}
+        # serve() sets this in the daemon's own process: collect cyclic garbage between rounds, not during them
+        # (_collect_between_rounds); a server embedded in another process (tests, demo) leaves the GC alone
+        self.manage_gc = False
 
     def _to(self, phase: Phase) -> None:
         if phase not in TRANSITIONS[self.phase]:
@@ -209,8 +213,21 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
             self.log("warning", message="insecure = true: plaintext TCP, tokens' HMACs and θ are readable on the wire")
         self._server = await asyncio.start_server(self._handle, s.host, s.port, limit=1 << 16, ssl=tls)
         self.log("listening", host=s.host, port=self.port, round=self.round_id, d=self.spec.d, tls=tls is not None)
+        if self.manage_gc:
+            self._collect_between_rounds()
         self._loop_task = asyncio.create_task(self._round_loop())
         self._lag_task = asyncio.create_task(self._watch_loop())
+
+    def _collect_between_rounds(self) -> None:
+        """A full collection now, then freeze what survives. CPython's GC otherwise runs a full (generation 2) pass
+        whenever enough objects were allocated; with 1,000 connections and a round's uploads alive, a one-off trace
+        showed such passes of 43-104 ms in the middle of a round, every ack waiting behind them. Later passes skip
+        frozen objects, so they stay short; each round close unfreezes and collects again, so nothing cyclic leaks."""
+        t = time.perf_counter()
+        gc.unfreeze()
+        found = gc.collect()
+        gc.freeze()
+        self.log("gc", ms=round((time.perf_counter() - t) * 1e3, 1), collected=found, frozen=gc.get_freeze_count())
 
     def _resume(self) -> None:
         """Read state back: the open round with its committed uploads, or θ of the next round."""
@@ -412,7 +429,10 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.theta = theta_next
         self.round_id += 1
         self.plan, self.selected, self.uploaded = None, [], set()
+        self._stored = {}
         self._to(Phase.IDLE)
+        if self.manage_gc:
+            self._collect_between_rounds()
 
     def status(self) -> dict:
         """Live counters (no store access)."""
@@ -458,6 +478,7 @@ def _new_bytes() -> dict[str, int]:
 async def serve(server: GuideServer) -> None:
     """Run until SIGTERM/SIGINT or until all rounds are done and stop() is called."""
     loop = asyncio.get_running_loop()
+    server.manage_gc = True  # this process is the daemon's own
     await server.start()
     for sig in (signal.SIGTERM, signal.SIGINT):
         try:

@@ -438,3 +438,47 @@ def test_the_round_phase_refuses_out_of_order_transitions(tmp_path):
     with pytest.raises(RoundStateError, match="finished → open"):
         srv._to(Phase.OPEN)
     srv.store.close()
+
+
+def test_the_daemon_collects_garbage_between_rounds_and_nothing_cyclic_leaks(tmp_path):
+    """serve() lets the server own the GC: a full pass at start and at each round close, freezing what survives, so
+    no full pass lands mid-round; a cycle made during the round is still freed when the round closes."""
+    import gc
+    import json
+    import weakref
+
+    class Node:
+        pass
+
+    async def main():
+        srv = _server(tmp_path, insecure=True)
+        srv.manage_gc = True
+        await srv.start()
+        try:
+            a, b = Node(), Node()
+            a.other, b.other = b, a  # a cycle: only the GC frees it
+            ref = weakref.ref(a)
+            del a, b
+            run = await asyncio.wait_for(_client(srv.port, tmp_path / "c", insecure=True).run(), 30)
+            for _ in range(300):  # the round closes after the ack the client saw
+                if srv.finished:
+                    break
+                await asyncio.sleep(0.1)
+            return run, ref, gc.get_freeze_count()
+        finally:
+            await srv.stop()
+
+    was = gc.isenabled()
+    gc.disable()  # only the server's own passes may free the cycle
+    try:
+        run, ref, frozen = asyncio.run(main())
+    finally:
+        gc.unfreeze()
+        if was:
+            gc.enable()
+    assert [r["reply"] for r in run.rounds] == ["ack"]
+    assert ref() is None and frozen > 0
+    events = [json.loads(x) for x in (tmp_path / "guide.jsonl").read_text().splitlines()]
+    kinds = [e["event"] for e in events]
+    assert kinds.count("gc") == 2 and kinds.index("gc") < kinds.index("round_open") < kinds.index("round_closed")
+    assert kinds.index("round_closed") < len(kinds) - 1 - kinds[::-1].index("gc")

@@ -241,7 +241,7 @@ def _serve_data_parallel(args: argparse.Namespace) -> int:
 
 
 def _serve(args: argparse.Namespace, scorer_wrap=None) -> int:
-    from cloud.daemon import serve
+    from cloud.daemon import StartupError, serve
 
     try:
         cfg = _config_from_args(args)
@@ -254,6 +254,9 @@ def _serve(args: argparse.Namespace, scorer_wrap=None) -> int:
         return 2
     try:
         asyncio.run(serve(server))
+    except StartupError as e:  # the state dir cannot be resumed: one line, the dir untouched
+        print(f"edgezo: error: {e}", file=sys.stderr)
+        return 2
     except OSError as e:  # e.g. the port is taken: one line, not a traceback
         import os
 

@@ -37,6 +37,7 @@ import json
 import logging
 import math
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any, Protocol
@@ -109,6 +110,11 @@ TRANSITIONS: dict[Phase, set[Phase]] = {
 
 class RoundStateError(RuntimeError):
     """A round transition out of order (a bug, never a client's doing)."""
+
+
+class StartupError(ValueError):
+    """The state dir cannot be resumed (another adapter spec, a missing θ checkpoint, a damaged database): `guide
+    serve` says so in one line; nothing in the state dir is changed."""
 
 
 def check_split(tc, spec: AdapterSpec) -> None:
@@ -206,7 +212,11 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._waiting_changed = asyncio.Event()
         self._round_done = asyncio.Event()
         self._stopped = asyncio.Event()
-        await self._db(self._resume)
+        try:
+            await self._db(self._resume)
+        except (ValueError, FileNotFoundError, sqlite3.DatabaseError) as e:
+            raise StartupError(f"{e}" if isinstance(e, (ValueError, FileNotFoundError))
+                               else f"state dir {self.cfg.server.state_dir} cannot be read back ({e})") from e
         s = self.cfg.server
         tls = s.ssl_context()
         if tls is None:
@@ -236,7 +246,9 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         if stored is None:
             self.store.set_meta("spec", spec_json)
         elif stored != spec_json:
-            raise ValueError(f"state dir {self.cfg.server.state_dir} holds another adapter spec")
+            raise ValueError(f"state dir {self.cfg.server.state_dir} holds another adapter spec "
+                             f"({_spec_diff(json.loads(stored), self.spec.to_dict())}): use the settings it was made "
+                             "with, or an empty state_dir")
         row = self.store.open_round_row()
         if row is not None:
             self._to(Phase.OPEN)  # the round a crash left open is open again, with its committed uploads
@@ -468,6 +480,18 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
 def _new_timings() -> dict[str, list[float]]:
     """A round's service-time samples in seconds (UploadsMixin._timings_summary; loop lag from _watch_loop)."""
     return {"commit": [], "ack": [], "loop_lag": []}
+
+
+def _spec_diff(stored: dict, now: dict, prefix: str = "") -> str:
+    """What differs between two adapter-spec dicts, as 'key stored → now' items (nested keys dotted)."""
+    out = []
+    for key in sorted(set(stored) | set(now)):
+        a, b = stored.get(key), now.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            out += [x for x in [_spec_diff(a, b, f"{prefix}{key}.")] if x]
+        elif a != b:
+            out.append(f"{prefix}{key} {a} → {b}")
+    return ", ".join(out)
 
 
 def _new_bytes() -> dict[str, int]:

@@ -75,17 +75,23 @@ class Store:
     def __init__(self, *, root: str | os.PathLike) -> None:
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
-        self.db = sqlite3.connect(self.root / "state.db", isolation_level=None, check_same_thread=False)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        self.db.execute("PRAGMA synchronous=FULL")
+        path = self.root / "state.db"
+        self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        try:
+            self.db.execute("PRAGMA journal_mode=WAL")
+            self.db.execute("PRAGMA synchronous=FULL")
+            self.db.executescript(SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(rounds)").fetchall()}
+            for col in ("down_bytes", "up_bytes"):  # a state dir from before bytes were kept per round
+                if col not in cols:
+                    self.db.execute(f"ALTER TABLE rounds ADD COLUMN {col} INTEGER")
+        except sqlite3.DatabaseError as e:  # not a database, or a damaged one: the file is left as it is
+            self.db.close()
+            raise ValueError(f"{path} cannot be read as the guide's state ({e}): restore it from a backup, or point "
+                             "[server] state_dir at an empty folder to start over") from e
         # uploads per multi-row INSERT: 7 parameters each, within this SQLite's limit (32,766 since 3.32, 999 before)
         limit = self.db.getlimit(sqlite3.SQLITE_LIMIT_VARIABLE_NUMBER) if hasattr(self.db, "getlimit") else 999
         self._rows = max(1, min(1000, limit // 7))
-        self.db.executescript(SCHEMA)
-        cols = {r[1] for r in self.db.execute("PRAGMA table_info(rounds)").fetchall()}
-        for col in ("down_bytes", "up_bytes"):  # a state dir from before bytes were kept per round
-            if col not in cols:
-                self.db.execute(f"ALTER TABLE rounds ADD COLUMN {col} INTEGER")
 
     def close(self) -> None:
         self.db.close()

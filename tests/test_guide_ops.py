@@ -137,6 +137,43 @@ def test_guide_serve_startup_failures_are_one_line_exit_2(tmp_path):
     assert lines == [f"edgezo: error: cannot listen on 127.0.0.1:{port}: address already in use"]
 
 
+def test_guide_serve_on_a_foreign_or_damaged_state_dir_is_one_line_and_leaves_it_as_it_was(tmp_path):
+    """A state dir made for another adapter, or a state.db that is not a database: one line naming it, exit 2, and
+    not a byte of the state dir changed."""
+    import hashlib
+
+    def digest(folder: Path) -> dict[str, str]:
+        return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(folder.iterdir())}
+
+    async def made_by_another_adapter():  # SPEC has rank 2; `guide serve --dims` makes rank 8
+        srv = _server(tmp_path, insecure=True)
+        await srv.start()
+        await srv.stop()
+
+    asyncio.run(made_by_another_adapter())
+    state = tmp_path / "state"
+    before = digest(state)
+    cert, key = tls_pair()
+    cfg = (f'[server]\nstate_dir = "{state}"\nport = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+           '[clients.tokens]\nc0 = "secret-token-0000"\n')
+    foreign = _serve(cfg, tmp_path)
+    lines = [x for x in foreign.stderr.strip().splitlines() if not x.startswith("{")]  # JSON log lines aside
+    assert foreign.returncode == 2 and lines == [
+        f"edgezo: error: state dir {state} holds another adapter spec (rank 2 → 8): use the settings it was made "
+        "with, or an empty state_dir"]
+    assert digest(state) == before
+
+    for f in state.iterdir():
+        f.unlink()
+    (state / "state.db").write_bytes(b"not a database, but someone's file" * 100)
+    before = digest(state)
+    damaged = _serve(cfg, tmp_path)
+    assert damaged.returncode == 2 and damaged.stderr.strip().splitlines() == [
+        f"edgezo: error: {state / 'state.db'} cannot be read as the guide's state (file is not a database): restore "
+        "it from a backup, or point [server] state_dir at an empty folder to start over"]
+    assert digest(state) == before
+
+
 def test_guide_cert_makes_a_pair_and_never_overwrites(tmp_path):
     out = tmp_path / "tls"
     r = subprocess.run([sys.executable, "-m", "app", "guide", "cert", "--out", str(out), "--host", "guide.lan",

@@ -441,8 +441,13 @@ class GuideConfig:
     def load(cls, path: str | Path | None) -> GuideConfig:
         if not path:
             return cls()
-        with open(path, "rb") as f:
-            return cls.from_dict(tomllib.load(f))
+        try:
+            with open(path, "rb") as f:
+                return cls.from_dict(tomllib.load(f))
+        except FileNotFoundError as e:
+            raise FileNotFoundError(f"config {path} not found") from e
+        except tomllib.TOMLDecodeError as e:
+            raise ValueError(f"{path} is not valid TOML: {e}") from e
 
     def override(self, **sections: dict[str, Any]) -> GuideConfig:
         """A copy with some fields replaced, e.g. ``override(server={"port": 0})`` (None values ignored)."""

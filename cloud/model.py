@@ -31,6 +31,8 @@ def load_base(path: str | Path, *, device: str | None = None):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     p = Path(path)
+    if not p.exists():  # else transformers reads the path as a Hub repo id and says so, which misleads here
+        raise FileNotFoundError(f"model {p} not found: give an HF model folder or a .gguf file (nothing is downloaded)")
     if p.is_file() and p.suffix == ".gguf":
         kw = {"gguf_file": p.name}
         src = p.parent

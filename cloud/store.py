@@ -74,6 +74,8 @@ class Store:
 
     def __init__(self, *, root: str | os.PathLike) -> None:
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise ValueError(f"state dir {self.root} is a file, not a folder")
         self.root.mkdir(parents=True, exist_ok=True)
         path = self.root / "state.db"
         self.db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)

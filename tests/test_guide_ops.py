@@ -137,6 +137,35 @@ def test_guide_serve_startup_failures_are_one_line_exit_2(tmp_path):
     assert lines == [f"edgezo: error: cannot listen on 127.0.0.1:{port}: address already in use"]
 
 
+def test_guide_serve_bad_config_state_dir_or_model_path_is_one_line_exit_2(tmp_path):
+    """Broken TOML, a missing config file, a state_dir that is a file, a [model] path that does not exist."""
+    cert, key = tls_pair()
+    base = f'port = 0\ntls_cert = "{cert}"\ntls_key = "{key}"\n'
+    clients = '[clients.tokens]\nc0 = "secret-token-0000"\n'
+    (tmp_path / "a-file").write_text("x")
+    cases = {
+        "[server\n": f"{tmp_path / 'guide.toml'} is not valid TOML: Expected ']' at the end of a table declaration "
+                     "(at line 1, column 8)",
+        f'[server]\nstate_dir = "{tmp_path / "a-file"}"\n' + base + clients:
+            f"state dir {tmp_path / 'a-file'} is a file, not a folder",
+    }
+    for text, message in cases.items():
+        r = _serve(text, tmp_path)
+        assert r.returncode == 2 and r.stderr.strip().splitlines() == [f"edgezo: error: {message}"], r.stderr
+    missing = subprocess.run([sys.executable, "-m", "app", "guide", "serve", "--config", str(tmp_path / "no.toml")],
+                             cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert missing.returncode == 2 and missing.stderr.strip().splitlines() == [
+        f"edgezo: error: config {tmp_path / 'no.toml'} not found"]
+    cfg = tmp_path / "model.toml"
+    cfg.write_text(f'[server]\nstate_dir = "{tmp_path / "state"}"\n' + base + f'[model]\npath = "{tmp_path / "nope"}"\n'
+                   + clients)
+    model = subprocess.run([sys.executable, "-m", "app", "guide", "serve", "--config", str(cfg)], cwd=REPO,
+                           capture_output=True, text=True, timeout=300)
+    assert model.returncode == 2 and model.stderr.strip().splitlines() == [
+        f"edgezo: error: model {tmp_path / 'nope'} not found: give an HF model folder or a .gguf file (nothing is "
+        "downloaded)"], model.stderr
+
+
 def test_guide_serve_on_a_foreign_or_damaged_state_dir_is_one_line_and_leaves_it_as_it_was(tmp_path):
     """A state dir made for another adapter, or a state.db that is not a database: one line naming it, exit 2, and
     not a byte of the state dir changed."""

@@ -50,6 +50,9 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
+ALL_ACKED = -1  # the RoundBarrier key the clients meet at after their last round, before they say Bye
+
+
 class RoundBarrier:
     """Holds every simulated client's upload of round r until all clients still running hold r's RoundStart: the
     round's downlink is over before its uploads start, as on real devices, which train between the two. Without
@@ -91,7 +94,8 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
     Each round: download (RoundStart, decoded as an edge does), "train" (build and encode the Update), wait at the
     round's barrier, then upload: at once (``spread_s`` 0: every client together, one burst of N uploads) or after
     a uniform random 0..spread_s s, as real devices finish at different times. The ack latency runs from the
-    upload's first byte written to its Ack read."""
+    upload's first byte written to its Ack read. After its last round a client waits for the others
+    (``ALL_ACKED``) before it says Bye and disconnects."""
     name = f"sim{i:05d}"
     held_round, held_digest, guide_ids = -1, "", []
     try:
@@ -142,6 +146,9 @@ async def _client(i: int, port: int, token: str, rounds: int, steps: int, q: int
             else:
                 counters["refused"] = counters.get("refused", 0) + 1
             done += 1
+        # every client says Bye once all have their last ack: one client's teardown (TLS close in this shared
+        # process) must not sit between another's ack and its read, which a real device's never does
+        await barrier.wait(ALL_ACKED, io_s)
         await write_frame(w, Bye())
     finally:
         barrier.leave()

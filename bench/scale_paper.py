@@ -1,10 +1,12 @@
 """Scale on paper: what one round costs at 10,000 devices and for a 1B-parameter model, computed from figures
-measured on this machine (the study's bytes and subspace seconds, the merge bench, the guide load test).
+measured on this machine (the study's bytes and subspace seconds, the wire bench, the merge bench, the guide load
+test at 1,000 clients).
 
     python bench/scale_paper.py --json docs/bench/scale.json
 
 Nothing here is measured at that scale. Each output names the measured input it scales and the rule used:
-  bytes down per client ∝ d (θ fp32 + U q8 of k columns); bytes up per client are per perturbation, not ∝ d
+  bytes down per client ∝ d: as the study sends them (θ fp32 + U q8 of k columns) and as the default wire does
+  (U adaptive at 0.2, θ as the c-space move; docs/bench/wire_bytes.json); bytes up are per perturbation, not ∝ d
   the cloud's subspace build ∝ k × (forward + backward of the model) ∝ model parameters
   the c-space merge ∝ clients (k-dim replays) plus one d × k product ∝ d
 """
@@ -32,8 +34,13 @@ def main() -> None:
     a = ap.parse_args()
     study = json.loads((REPO / "docs/bench/study/edgezo-s0.json").read_text())
     merge = json.loads((REPO / "docs/bench/merge_scale.json").read_text())
-    load = json.loads((REPO / "docs/bench/guide_load_tls_50.json").read_text())
+    load = json.loads((REPO / "docs/bench/guide_load_tls_1000.json").read_text())
+    wire = json.loads((REPO / "docs/bench/wire_bytes.json").read_text())
     d_small = study["d"]
+    if wire["d"] != d_small:
+        raise SystemExit(f"the wire bench's d {wire['d']} is not the study's {d_small}")
+    wire_down = wire["rows"]["adaptive_replay"]["down_bytes"]  # the default wire, per client per round
+    rate = load["uploads_per_s_upload_phase"]  # uploads/s while uploads arrive (round 0's downlink aside)
     if d_small != lora_qv_d(SMOLLM2):  # the size rule must reproduce the measured d before it scales anything
         raise SystemExit(f"d rule gives {lora_qv_d(SMOLLM2)}, the study measured {d_small}")
     d_big = lora_qv_d(LLAMA_1B)
@@ -45,11 +52,14 @@ def main() -> None:
     out = {
         "inputs": {"d_smollm2": d_small, "down_bytes_per_client": down, "up_bytes_per_client": up,
                    "subspace_build_s_smollm2_2cores": sub_mean, "cspace_merge_s_per_client": per_client_merge,
-                   "guide_uploads_per_s_tls_50": load["uploads_per_s"]},
-        "smollm2_135m": {"devices": n, "down_GB_per_round": down * n / 1e9, "up_MB_per_round": up * n / 1e6,
+                   "down_bytes_per_client_default_wire": wire_down,
+                   "guide_uploads_per_s_tls_1000_upload_phase": rate},
+        "smollm2_135m": {"devices": n, "down_GB_per_round": down * n / 1e9,
+                         "down_GB_per_round_default_wire": wire_down * n / 1e9, "up_MB_per_round": up * n / 1e6,
                          "merge_s": per_client_merge * n, "subspace_build_s": sub_mean,
-                         "upload_phase_s_at_measured_rate": n / load["uploads_per_s"]},
+                         "upload_phase_s_at_measured_rate": n / rate},
         "llama_1b": {"d": d_big, "devices": n, "down_GB_per_round": down * d_big / d_small * n / 1e9,
+                     "down_GB_per_round_default_wire": wire_down * d_big / d_small * n / 1e9,
                      "up_MB_per_round": up * n / 1e6, "merge_s": per_client_merge * n,
                      "subspace_build_s_2cores": sub_mean * LLAMA_1B["params"] / SMOLLM2["params"]},
     }

@@ -232,28 +232,30 @@ def test_unknown_token_oversize_frame_and_malformed_messages_are_contained(tmp_p
             big = await read_frame(r, timeout=5)
             rss1 = proc.memory_info().rss
             eof = await r.read()
-            # a client sending garbage frames, while c0 trains normally
+            # a client sending garbage frames, while c0 trains normally: dropped at the max_errors-th (5)
             r3, w3, _ = await _handshake(srv.port, "c1", "secret-token-0001")
             good = asyncio.ensure_future(_client(srv.port, "c0", "secret-token-0000", tmp_path, 0).run())
             errs = []
             for junk in (b"\xc1\xc1", packb({"v": 1, "type": "update", "round_id": "x"}), b"\x92\x01",
-                         packb({"v": 1, "type": "nope"})):
+                         packb({"v": 1, "type": "nope"}), b"\xc1"):
                 w3.write(_frame(junk))
                 await w3.drain()
                 errs.append(await read_frame(r3, timeout=5))
+            dropped = await asyncio.wait_for(r3.read(), 5)
             summary = await asyncio.wait_for(good, 30)
-            return reply, reply2, welcome, big, rss1 - rss0, eof, errs, summary, dict(srv.stats)
+            return reply, reply2, welcome, big, rss1 - rss0, eof, errs, dropped, summary, dict(srv.stats)
         finally:
             await srv.stop()
 
-    reply, reply2, welcome, big, drss, eof, errs, summary, stats = asyncio.run(main())
+    reply, reply2, welcome, big, drss, eof, errs, dropped, summary, stats = asyncio.run(main())
     assert reply == Error(code="auth", message="unknown client or bad token")
     assert isinstance(reply2, Error) and reply2.code == "auth" and isinstance(welcome, Welcome)
     assert isinstance(big, Error) and big.code == "frame_too_large" and big.fatal and eof == b""
     assert drss < 32 << 20
-    assert [type(e) for e in errs] == [Error] * 4 and not any(e.fatal for e in errs)
-    assert [r["reply"] for r in summary.rounds] == ["ack"]
-    assert stats["auth_failed"] == 2 and stats["malformed"] >= 3
+    assert [type(e) for e in errs] == [Error] * 5 and [e.fatal for e in errs] == [False] * 4 + [True]
+    assert dropped == b""  # the guide closed the connection after the fifth
+    assert [r["reply"] for r in summary.rounds] == ["ack"]  # c0's round went on
+    assert stats["auth_failed"] == 2 and stats["malformed"] >= 5
 
 
 def test_dead_client_does_not_hold_round_past_deadline(tmp_path):

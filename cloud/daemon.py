@@ -214,9 +214,8 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self._stopped = asyncio.Event()
         try:
             await self._db(self._resume)
-        except (ValueError, FileNotFoundError, sqlite3.DatabaseError) as e:
-            raise StartupError(f"{e}" if isinstance(e, (ValueError, FileNotFoundError))
-                               else f"state dir {self.cfg.server.state_dir} cannot be read back ({e})") from e
+        except sqlite3.DatabaseError as e:  # a state.db damaged past its header (Store opened it)
+            raise StartupError(f"state dir {self.cfg.server.state_dir} cannot be read back ({e})") from e
         s = self.cfg.server
         tls = s.ssl_context()
         if tls is None:
@@ -246,7 +245,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         if stored is None:
             self.store.set_meta("spec", spec_json)
         elif stored != spec_json:
-            raise ValueError(f"state dir {self.cfg.server.state_dir} holds another adapter spec "
+            raise StartupError(f"state dir {self.cfg.server.state_dir} holds another adapter spec "
                              f"({_spec_diff(json.loads(stored), self.spec.to_dict())}): use the settings it was made "
                              "with, or an empty state_dir")
         row = self.store.open_round_row()
@@ -267,7 +266,8 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
             self.round_id = last + 1
             th = self.store.load_theta(self.round_id)
             if th is None:
-                raise FileNotFoundError(f"θ checkpoint for round {self.round_id} missing in state dir")
+                raise StartupError(f"state dir {self.cfg.server.state_dir}: θ checkpoint for round {self.round_id} "
+                                   "is missing")
             self.theta = th
             self.log("resumed", round=self.round_id, uploads=0)
         else:
@@ -441,7 +441,7 @@ class GuideServer(DownlinkMixin, UploadsMixin, ConnectionsMixin):
         self.theta = theta_next
         self.round_id += 1
         self.plan, self.selected, self.uploaded = None, [], set()
-        self._stored = {}
+        self._stored = {}  # the round's uploads are garbage now, before the collection below
         self._to(Phase.IDLE)
         if self.manage_gc:
             self._collect_between_rounds()
@@ -488,7 +488,8 @@ def _spec_diff(stored: dict, now: dict, prefix: str = "") -> str:
     for key in sorted(set(stored) | set(now)):
         a, b = stored.get(key), now.get(key)
         if isinstance(a, dict) and isinstance(b, dict):
-            out += [x for x in [_spec_diff(a, b, f"{prefix}{key}.")] if x]
+            if inner := _spec_diff(a, b, f"{prefix}{key}."):
+                out.append(inner)
         elif a != b:
             out.append(f"{prefix}{key} {a} → {b}")
     return ", ".join(out)

@@ -507,8 +507,8 @@ def test_the_round_phase_refuses_out_of_order_transitions(tmp_path):
 
 
 def test_the_daemon_collects_garbage_between_rounds_and_nothing_cyclic_leaks(tmp_path):
-    """serve() lets the server own the GC: a full pass at start and at each round close, freezing what survives, so
-    no full pass lands mid-round; a cycle made during the round is still freed when the round closes."""
+    """serve() lets the server own the GC: a full pass at start and at each round close, freezing what survives.
+    With CPython's own passes off, a cycle made during the round is freed at its close, so freezing leaks nothing."""
     import gc
     import json
     import weakref
@@ -547,4 +547,4 @@ def test_the_daemon_collects_garbage_between_rounds_and_nothing_cyclic_leaks(tmp
     events = [json.loads(x) for x in (tmp_path / "guide.jsonl").read_text().splitlines()]
     kinds = [e["event"] for e in events]
     assert kinds.count("gc") == 2 and kinds.index("gc") < kinds.index("round_open") < kinds.index("round_closed")
-    assert kinds.index("round_closed") < len(kinds) - 1 - kinds[::-1].index("gc")
+    assert "gc" in kinds[kinds.index("round_closed"):]  # the second pass: at the round's close
